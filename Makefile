@@ -1,0 +1,44 @@
+# aquin_nb: `make demo` runs the main job offline, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.aquin-installed
+# The CPU wheel of torch first: a plain `torch` requirement pulls a multi-GB CUDA
+# build. pyproject keeps torch's range open for GPU users.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: env demo test test-all lint typecheck artifacts bench clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_CPU)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/aquin-nb demo --out demo_out
+
+lint: $(STAMP)
+	$(PY) -m ruff check aquin_nb tests benchmarks
+	$(PY) -m ruff format --check aquin_nb tests benchmarks
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+test: lint typecheck
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: lint typecheck
+	$(PY) -m pytest -q
+
+artifacts: $(STAMP)
+	$(PY) -m aquin_nb.demo.build
+
+bench: $(STAMP)
+	$(PY) benchmarks/diff.py
+
+clean:
+	rm -rf demo_out .pytest_cache .mypy_cache .ruff_cache

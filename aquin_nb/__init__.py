@@ -1,0 +1,55 @@
+"""aquin_nb: see what a fine-tune changed inside a language model, in SAE features.
+
+Importing the package does no work: the verbs load torch and friends on first use.
+
+Example:
+    >>> import aquin_nb
+    >>> diff = aquin_nb.sae_diff("tiny-gpt2", "runs/lora/checkpoints/checkpoint.pt")  # doctest: +SKIP
+    >>> diff.summary["n_changed"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._errors import AquinError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AquinError",
+    "Run",
+    "SaeDiff",
+    "__version__",
+    "load_model",
+    "load_sae",
+    "sae_diff",
+]
+
+_LAZY = {
+    "Run": "aquin_nb.run",
+    "SaeDiff": "aquin_nb.diff",
+    "load_model": "aquin_nb.models",
+    "load_sae": "aquin_nb.saes",
+    "sae_diff": "aquin_nb.diff",
+}
+
+if TYPE_CHECKING:
+    from .diff import SaeDiff, sae_diff
+    from .models import load_model
+    from .run import Run
+    from .saes import load_sae
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aquin_nb' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

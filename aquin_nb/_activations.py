@@ -1,0 +1,126 @@
+"""Residual-stream activations, produced the way the SAE expects them.
+
+The forward pass stops right after the SAE's hook, BOS and padding are masked
+out of every statistic, and weights are processed (compatibility mode) exactly
+as the SAE's metadata records (DESIGN.md decision 2).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._errors import AquinError
+from .saes import SaeNumerics, parse_hook
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Right-padded tokens and a mask of the positions that count in statistics."""
+
+    tokens: torch.Tensor  # [batch, pos] int64
+    mask: torch.Tensor  # [batch, pos] bool: real, non-BOS tokens
+    prompt_index: torch.Tensor  # [batch] position of each row in the prompt list
+
+
+def prepare_bridge(bridge: TransformerBridge, numerics: SaeNumerics) -> None:
+    """Process the bridge's weights the way the SAE's training model was processed."""
+    current = getattr(bridge, "aquin_processing", None)
+    if current is None and bridge.compatibility_mode:
+        current = {"unknown": True}
+    if current is None:
+        if numerics.needs_processing:
+            bridge.enable_compatibility_mode(disable_warnings=True, **numerics.processing)
+        bridge.aquin_processing = dict(numerics.processing)  # type: ignore[attr-defined]
+        return
+    if current != numerics.processing:
+        raise AquinError(
+            f"the model was already prepared with weight processing {current}, but the SAE "
+            f"expects {numerics.processing}; load a fresh model for this SAE"
+        )
+
+
+def context_length(bridge: TransformerBridge, numerics: SaeNumerics) -> int:
+    n_ctx = int(bridge.cfg.n_ctx)
+    return min(n_ctx, numerics.context_size) if numerics.context_size else n_ctx
+
+
+def tokenize_prompts(
+    tokenizer: Any, prompts: Sequence[str], *, prepend_bos: bool, max_length: int
+) -> list[list[int]]:
+    """Token ids per prompt, BOS first when the SAE was trained with it, truncated to context."""
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prepend_bos and bos is None:
+        raise AquinError("the SAE expects a BOS token but the tokenizer has neither BOS nor EOS")
+    token_lists: list[list[int]] = []
+    truncated = 0
+    for index, ids in enumerate(encoded):
+        if not ids:
+            raise AquinError(f"prompt {index} is empty after tokenization")
+        ids = ([bos] if prepend_bos else []) + list(ids)
+        if len(ids) > max_length:
+            truncated += 1
+            ids = ids[:max_length]
+        token_lists.append(ids)
+    if truncated:
+        logger.warning(
+            "%d prompt(s) longer than the context (%d tokens) were truncated", truncated, max_length
+        )
+    return token_lists
+
+
+def token_batches(
+    token_lists: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    skip_first: bool,
+    pad_id: int = 0,
+) -> Iterator[TokenBatch]:
+    """Right-padded batches; causal attention means padding never touches real tokens."""
+    for start in range(0, len(token_lists), batch_size):
+        chunk = token_lists[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        tokens = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for row, ids in enumerate(chunk):
+            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, int(skip_first) : len(ids)] = True
+        yield TokenBatch(tokens, mask, torch.arange(start, start + len(chunk)))
+
+
+def read_hook_plan(hook_name: str) -> tuple[str, int]:
+    """Which hook to read and where to stop so the forward computes nothing past the SAE.
+
+    ``blocks.L.hook_resid_pre`` equals ``blocks.(L-1).hook_resid_post``, which is
+    reachable without running block L at all.
+    """
+    layer, kind = parse_hook(hook_name)
+    if kind == "hook_resid_pre" and layer > 0:
+        return f"blocks.{layer - 1}.hook_resid_post", layer
+    return hook_name, layer + 1
+
+
+@torch.no_grad()
+def residual(bridge: TransformerBridge, tokens: torch.Tensor, hook_name: str) -> torch.Tensor:
+    """Activations at ``hook_name`` for ``tokens``: ``[batch, pos, d_model]``."""
+    read_name, stop_at = read_hook_plan(hook_name)
+    device = next(bridge.original_model.parameters()).device
+    _, cache = bridge.run_with_cache(
+        tokens.to(device),
+        names_filter=[read_name],
+        stop_at_layer=stop_at,
+        return_cache_object=False,
+    )
+    if read_name not in cache:
+        raise AquinError(f"the model produced no activations at {read_name}")
+    return cache[read_name]

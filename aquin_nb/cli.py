@@ -1,0 +1,209 @@
+"""The ``aquin-nb`` command line. It calls the package's verbs; it never reimplements them.
+
+Heavy imports (torch, SAELens) happen inside the commands, so ``aquin-nb --help``
+answers at once. Bad input exits with code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from ._errors import AquinError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, no usage block: the CLI's contract for bad input.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def say(text: str = "") -> None:
+    """The one place the CLI prints results."""
+    print(text, flush=True)
+
+
+def _format_summary(summary: dict[str, Any]) -> str:
+    fit = summary["fit"]
+    lines = [
+        f"[sae diff] {summary['model']} vs {summary['name']} at {summary['hook']}",
+        f"  prompts {summary['n_prompts']}, tokens {summary['n_tokens']}, "
+        f"features {summary['n_features']}",
+        f"  nChanged={summary['n_changed']} meanAbsDelta={summary['mean_abs_delta']:.6g} "
+        f"maxAbsDelta={summary['max_abs_delta']:.6g}",
+        f"  SAE fit: base EV {fit['base']['explained_variance']:.3f} L0 {fit['base']['l0']:.1f} | "
+        f"checkpoint EV {fit['checkpoint']['explained_variance']:.3f} "
+        f"L0 {fit['checkpoint']['l0']:.1f}",
+    ]
+    if fit.get("warning"):
+        lines.append(f"  warning: {fit['warning']}")
+    return "\n".join(lines)
+
+
+def _format_top(diff: Any, k: int) -> str:
+    columns = [
+        "feature",
+        "base",
+        "checkpoint",
+        "delta",
+        "base_freq",
+        "checkpoint_freq",
+        "q_value",
+        "changed",
+    ]
+    table = diff.top(k)[columns]
+    return table.to_string(index=False, float_format=lambda value: f"{value:.4g}")
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from .catalog import CATALOG
+
+    say(f"{'slug':<20} {'model':<32} {'SAE release':<34} layer  description")
+    for entry in CATALOG:
+        say(
+            f"{entry.slug:<20} {entry.hf_model:<32} {entry.sae_release:<34} "
+            f"{entry.default_layer:>5}  {entry.description}"
+        )
+
+
+def _cmd_pull_sae(args: argparse.Namespace) -> None:
+    from .catalog import get_entry
+    from .saes import load_sae
+
+    entry = get_entry(args.slug)
+    sae_id = entry.sae_id_for(args.layer)
+    sae = load_sae(entry.slug, args.layer)
+    where = "ships with aquin_nb" if entry.embedded else "cached"
+    say(f"{entry.sae_release}:{sae_id} {where} (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae})")
+
+
+def _cmd_sae_diff(args: argparse.Namespace) -> None:
+    from .diff import sae_diff
+
+    diff = sae_diff(
+        args.model,
+        args.checkpoint,
+        prompts=args.prompts,
+        layer=args.layer,
+        sae=args.sae,
+        name=args.name,
+        batch_size=args.batch_size,
+        fdr=args.fdr,
+        min_rel_delta=args.min_rel_delta,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    say(_format_summary(diff.summary))
+    say()
+    say(_format_top(diff, args.top))
+    if args.output:
+        say(f"\nwrote {diff.to_json(args.output)}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo.run import run_demo
+
+    result = run_demo(args.out, steps=args.steps, progress=not args.quiet)
+    say(f"[demo] LoRA fine-tune of tiny-gpt2 on the cooking set: {result.checkpoint}")
+    say(_format_summary(result.diff.summary))
+    say()
+    say(_format_top(result.diff, args.top))
+    say()
+    for path in result.written:
+        say(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(
+        prog="aquin-nb",
+        description="See what a fine-tune changed inside a language model, in SAE features.",
+    )
+    parser.add_argument("--version", action="version", version=f"aquin-nb {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    models = commands.add_parser("models", help="list the model catalog")
+    models.set_defaults(run=_cmd_models)
+
+    pull = commands.add_parser("pull", help="fetch and cache public artifacts")
+    pull_kinds = pull.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
+    pull_sae = pull_kinds.add_parser("sae", help="fetch a catalog model's public SAE")
+    pull_sae.add_argument("slug", help="catalog slug, see `aquin-nb models`")
+    pull_sae.add_argument("--layer", type=int, help="layer (default: the catalog's)")
+    pull_sae.set_defaults(run=_cmd_pull_sae)
+
+    sae = commands.add_parser("sae", help="SAE verbs: diff")
+    sae_verbs = sae.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    diff = sae_verbs.add_parser(
+        "diff", help="per-feature activation deltas between a base model and a checkpoint"
+    )
+    diff.add_argument("--model", required=True, help="catalog slug or local model directory")
+    diff.add_argument(
+        "--checkpoint",
+        required=True,
+        help="{step, state_dict} .pt, state dict, .safetensors, HF directory or PEFT adapter",
+    )
+    diff.add_argument(
+        "--prompts",
+        help="JSON array or JSONL of strings or {instruction, response} rows "
+        "(default: the shipped probe set)",
+    )
+    diff.add_argument("--layer", type=int, help="SAE layer (default: the catalog's)")
+    diff.add_argument(
+        "--sae", help="custom SAE: SAELens directory, .pt {cfg, state_dict}, RELEASE:SAE_ID or slug"
+    )
+    diff.add_argument("--name", help="label for the checkpoint (default: its file stem)")
+    diff.add_argument("--output", help="write the full JSON payload here")
+    diff.add_argument("--top", type=int, default=20, help="rows in the printed table")
+    diff.add_argument("--batch-size", type=int, default=16)
+    diff.add_argument("--fdr", type=float, default=0.05, help="false-discovery rate for 'changed'")
+    diff.add_argument(
+        "--min-rel-delta",
+        type=float,
+        default=0.1,
+        help="minimum |Δ| relative to max(base, checkpoint) for 'changed'",
+    )
+    diff.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    diff.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    diff.set_defaults(run=_cmd_sae_diff)
+
+    demo = commands.add_parser(
+        "demo", help="fine-tune the embedded model with LoRA and diff it (offline)"
+    )
+    demo.add_argument("--out", default="demo_out", help="output directory")
+    demo.add_argument("--steps", type=int, default=120, help="LoRA fine-tuning steps")
+    demo.add_argument("--top", type=int, default=15, help="rows in the printed table")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], None] | None = getattr(args, "run", None)
+    if run is None:
+        parser.print_help()
+        return 0
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        run(args)
+    except AquinError as error:
+        sys.stderr.write(f"aquin-nb: error: {error}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("aquin-nb: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

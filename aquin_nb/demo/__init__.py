@@ -1,0 +1,1 @@
+"""The embedded tiny model zoo and the demo that runs on it."""

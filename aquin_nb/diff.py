@@ -1,0 +1,323 @@
+"""``sae_diff``: which SAE features a fine-tune moved, base beside checkpoint.
+
+Example:
+    >>> import aquin_nb
+    >>> diff = aquin_nb.sae_diff("tiny-gpt2", "runs/lora/checkpoints/checkpoint.pt")  # doctest: +SKIP
+    >>> diff.summary["n_changed"], diff.top(5)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from ._activations import (
+    context_length,
+    prepare_bridge,
+    residual,
+    token_batches,
+    tokenize_prompts,
+)
+from ._errors import AquinError
+from ._results import mimebundle, read_result, write_result
+from ._stats import FitStats, PairedFeatureStats
+from .catalog import find_entry
+from .probes import load_prompts
+from .saes import check_sae_fits, load_sae, sae_numerics
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+logger = logging.getLogger(__name__)
+
+FEATURE_COLUMNS = (
+    "feature",
+    "base",
+    "checkpoint",
+    "delta",
+    "abs_delta",
+    "base_freq",
+    "checkpoint_freq",
+    "p_value",
+    "q_value",
+    "changed",
+)
+FIT_DROP_WARNING = 0.1
+
+
+@dataclass(frozen=True, eq=False)
+class SaeDiff:
+    """Per-feature activation deltas between a base model and a checkpoint.
+
+    ``summary`` (plain JSON types): ``n_features``, ``n_changed``, ``mean_abs_delta``,
+    ``max_abs_delta``, ``n_prompts``, ``n_tokens``, ``layer``, ``hook``, ``model``,
+    ``checkpoint``, ``name``, ``fit`` (``{"base": {explained_variance, l0},
+    "checkpoint": {...}, "warning": str | None}``), ``criteria`` and ``tool_version``.
+
+    ``features`` has one row per feature, sorted by ``abs_delta`` descending:
+
+    ========================  ===========================================================
+    ``feature``               feature index in the SAE
+    ``base``, ``checkpoint``  mean activation per token over all probe tokens (no BOS/pad)
+    ``delta``, ``abs_delta``  ``checkpoint - base`` and its absolute value
+    ``base_freq``,            fraction of probe tokens on which the feature fires (> 0)
+    ``checkpoint_freq``
+    ``p_value``               two-sided paired t-test across prompts on per-prompt means
+    ``q_value``               Benjamini-Hochberg adjusted p-value over all features
+    ``changed``               ``q_value <= fdr`` and the effect-size floor (see `sae_diff`)
+    ========================  ===========================================================
+    """
+
+    summary: dict[str, Any]
+    features: pd.DataFrame
+
+    def top(self, k: int = 20) -> pd.DataFrame:
+        """The ``k`` features with the largest ``|delta|``."""
+        return self.features.head(k).reset_index(drop=True)
+
+    def changed(self) -> pd.DataFrame:
+        """Only the features that count as changed."""
+        return self.features[self.features["changed"]].reset_index(drop=True)
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the full result (``schema_version: 1``) atomically."""
+        return write_result(path, "sae_diff", self.summary, features=self.features)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> SaeDiff:
+        payload = read_result(path, "sae_diff")
+        frame = pd.DataFrame(payload["features"], columns=list(FEATURE_COLUMNS))
+        return cls(summary=payload["summary"], features=frame)
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"SaeDiff({s['model']} vs {s['name']} @ {s['hook']}: {s['n_changed']}/"
+            f"{s['n_features']} features changed, mean |Δ| {s['mean_abs_delta']:.4g}, "
+            f"max |Δ| {s['max_abs_delta']:.4g}, {s['n_prompts']} prompts / {s['n_tokens']} tokens)"
+        )
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return mimebundle(self, "sae_diff")
+
+
+def _bridge_label(bridge: Any) -> str:
+    return str(getattr(bridge, "aquin_label", None) or getattr(bridge.cfg, "model_name", "model"))
+
+
+def _load_base(model: Any, device: str | None) -> TransformerBridge:
+    from .models import load_model
+
+    if isinstance(model, (str, Path)):
+        return load_model(model, device=device)
+    if hasattr(model, "run_with_cache") and hasattr(model, "original_model"):
+        return model
+    raise AquinError(
+        f"model must be a catalog slug, a model directory or a TransformerBridge, "
+        f"got {type(model).__name__}"
+    )
+
+
+def _load_checkpoint(
+    checkpoint: Any, base: TransformerBridge, model: Any, device: str | None
+) -> tuple[TransformerBridge, str]:
+    from .models import load_model, wrap_bridge
+
+    if isinstance(checkpoint, (str, Path)):
+        path = Path(checkpoint).expanduser()
+        source = model if isinstance(model, (str, Path)) else base.cfg.model_name
+        bridge = load_model(source, path, device=device)
+        return bridge, path.stem if path.is_file() else path.name
+    if hasattr(checkpoint, "run_with_cache") and hasattr(checkpoint, "original_model"):
+        return checkpoint, _bridge_label(checkpoint)
+    if isinstance(checkpoint, torch.nn.Module) and hasattr(checkpoint, "config"):
+        label = getattr(checkpoint.config, "_name_or_path", "") or "checkpoint"
+        bridge = wrap_bridge(checkpoint.eval(), base.tokenizer, label, device=device)  # type: ignore[arg-type]
+        return bridge, label
+    raise AquinError(
+        f"checkpoint must be a path or a loaded model, got {type(checkpoint).__name__}"
+    )
+
+
+def sae_diff(
+    model: Any,
+    checkpoint: Any,
+    prompts: Any = None,
+    layer: int | None = None,
+    sae: Any = None,
+    name: str | None = None,
+    *,
+    batch_size: int = 16,
+    fdr: float = 0.05,
+    min_rel_delta: float = 0.1,
+    min_abs_delta: float = 1e-3,
+    device: str | None = None,
+    progress: bool = True,
+) -> SaeDiff:
+    """Encode the same prompts through base and checkpoint with one SAE and compare.
+
+    Args:
+        model: catalog slug, local model directory, or a loaded ``TransformerBridge``.
+        checkpoint: a checkpoint path (``{step, state_dict}`` .pt, bare state dict,
+            ``.safetensors``, ``save_pretrained`` or PEFT adapter directory), or a
+            loaded model / bridge.
+        prompts: a JSON/JSONL file, a list, or ``None`` for the shipped probe set.
+        layer: the SAE layer; defaults to the catalog's layer or the SAE's own hook.
+        sae: anything `load_sae` takes, or an SAE object; defaults to the model's
+            public SAE from the catalog.
+        name: label for the checkpoint; defaults to its file stem.
+
+    A feature counts as **changed** when both hold:
+
+    * significance: a two-sided paired t-test across prompts (prompts are identical
+      on both sides, so each prompt gives one paired difference of per-prompt mean
+      activations) has a Benjamini-Hochberg q-value ``<= fdr`` over all features;
+    * effect size: ``|delta| >= min_rel_delta * max(base, checkpoint)`` and
+      ``|delta| >= min_abs_delta`` (``delta`` being the token-mean difference).
+
+    Example:
+        >>> diff = sae_diff("tiny-gpt2", "runs/lora/checkpoints/checkpoint.pt")  # doctest: +SKIP
+        >>> diff.top(3)[["feature", "base", "checkpoint", "delta"]]  # doctest: +SKIP
+    """
+    if not 0 < fdr < 1:
+        raise AquinError(f"fdr must be between 0 and 1, got {fdr}")
+    if batch_size < 1:
+        raise AquinError(f"batch_size must be at least 1, got {batch_size}")
+    base = _load_base(model, device)
+    model_label = (
+        _bridge_label(base)
+        if not isinstance(model, (str, Path))
+        else str(getattr(base, "aquin_label", model))
+    )
+    n_layers, d_model = int(base.cfg.n_layers), int(base.cfg.d_model)
+    if layer is not None and not 0 <= layer < n_layers:
+        raise AquinError(
+            f"layer {layer} is out of range: {model_label} has {n_layers} layers (0-{n_layers - 1})"
+        )
+    if sae is None:
+        entry = find_entry(str(model)) if isinstance(model, (str, Path)) else None
+        if entry is None:
+            raise AquinError(
+                f"no public SAE is catalogued for {model_label}; pass sae= (a slug, "
+                f"RELEASE:SAE_ID, a SAELens directory or a .pt file)"
+            )
+        sae = entry.slug
+    sae_obj = load_sae(sae, layer)
+    numerics = sae_numerics(sae_obj, layer)
+    check_sae_fits(sae_obj, d_model, n_layers, numerics.layer, model_label)
+    texts = load_prompts(prompts, base.tokenizer)
+    if len(texts) < 2:
+        raise AquinError("sae_diff needs at least 2 prompts for the paired test across prompts")
+
+    ckpt, default_name = _load_checkpoint(checkpoint, base, model, device)
+    if int(ckpt.cfg.d_model) != d_model or int(ckpt.cfg.n_layers) != n_layers:
+        raise AquinError(
+            f"checkpoint has d_model {ckpt.cfg.d_model} and {ckpt.cfg.n_layers} layers, "
+            f"but {model_label} has {d_model} and {n_layers}"
+        )
+    prepare_bridge(base, numerics)
+    prepare_bridge(ckpt, numerics)
+    sae_device = next(base.original_model.parameters()).device
+    sae_obj = sae_obj.to(sae_device)
+    sae_dtype = sae_obj.W_dec.dtype
+
+    token_lists = tokenize_prompts(
+        base.tokenizer,
+        texts,
+        prepend_bos=numerics.prepend_bos,
+        max_length=context_length(base, numerics),
+    )
+    d_sae = int(sae_obj.W_dec.shape[0])
+    stats = PairedFeatureStats(d_sae)
+    base_fit, checkpoint_fit = FitStats(d_model), FitStats(d_model)
+    batches = token_batches(token_lists, batch_size=batch_size, skip_first=numerics.prepend_bos)
+    total = (len(token_lists) + batch_size - 1) // batch_size
+    with torch.no_grad():
+        for batch in tqdm(batches, total=total, desc="sae diff", disable=not progress):
+            mask = batch.mask.to(sae_device)
+            row_of_token = torch.arange(len(batch.tokens), device=sae_device)[:, None].expand_as(
+                mask
+            )[mask]
+            x_base = residual(base, batch.tokens, numerics.hook_name)[mask].to(sae_dtype)
+            x_ckpt = residual(ckpt, batch.tokens, numerics.hook_name)[mask].to(sae_dtype)
+            f_base, f_ckpt = sae_obj.encode(x_base), sae_obj.encode(x_ckpt)
+            base_fit.update(x_base, sae_obj.decode(f_base), f_base)
+            checkpoint_fit.update(x_ckpt, sae_obj.decode(f_ckpt), f_ckpt)
+            stats.update(f_base, f_ckpt, row_of_token, len(batch.tokens))
+
+    features = _feature_frame(stats, fdr, min_rel_delta, min_abs_delta)
+    fit: dict[str, Any] = {
+        "base": base_fit.result(),
+        "checkpoint": checkpoint_fit.result(),
+        "warning": None,
+    }
+    drop = fit["base"]["explained_variance"] - fit["checkpoint"]["explained_variance"]
+    if drop > FIT_DROP_WARNING:
+        fit["warning"] = (
+            f"the SAE explains {drop:.0%} less variance on the checkpoint than on the base "
+            f"model; the public dictionary may no longer fit (train a temporary SAE)"
+        )
+        logger.warning(fit["warning"])
+    abs_delta = features["abs_delta"].to_numpy()
+    summary = {
+        "n_features": d_sae,
+        "n_changed": int(features["changed"].sum()),
+        "mean_abs_delta": float(abs_delta.mean()),
+        "max_abs_delta": float(abs_delta.max()),
+        "n_prompts": stats.n_prompts,
+        "n_tokens": stats.n_tokens,
+        "layer": numerics.layer,
+        "hook": numerics.hook_name,
+        "model": model_label,
+        "checkpoint": str(checkpoint) if isinstance(checkpoint, (str, Path)) else default_name,
+        "name": name or default_name,
+        "fit": fit,
+        "criteria": {
+            "test": "paired t-test across prompts, Benjamini-Hochberg",
+            "fdr": fdr,
+            "min_rel_delta": min_rel_delta,
+            "min_abs_delta": min_abs_delta,
+        },
+        "tool_version": __version__,
+    }
+    return SaeDiff(summary=summary, features=features)
+
+
+def _feature_frame(
+    stats: PairedFeatureStats, fdr: float, min_rel_delta: float, min_abs_delta: float
+) -> pd.DataFrame:
+    from scipy.stats import false_discovery_control
+
+    base = (stats.base_sum / stats.n_tokens).numpy()
+    checkpoint = (stats.checkpoint_sum / stats.n_tokens).numpy()
+    delta = checkpoint - base
+    abs_delta = np.abs(delta)
+    p_values = stats.paired_t_pvalues()
+    q_values = false_discovery_control(p_values, method="bh")
+    effect = (abs_delta >= min_rel_delta * np.maximum(base, checkpoint)) & (
+        abs_delta >= min_abs_delta
+    )
+    frame = pd.DataFrame(
+        {
+            "feature": np.arange(len(base)),
+            "base": base,
+            "checkpoint": checkpoint,
+            "delta": delta,
+            "abs_delta": abs_delta,
+            "base_freq": (stats.base_fires / stats.n_tokens).numpy(),
+            "checkpoint_freq": (stats.checkpoint_fires / stats.n_tokens).numpy(),
+            "p_value": p_values,
+            "q_value": q_values,
+            "changed": (q_values <= fdr) & effect,
+        }
+    )
+    frame = frame.sort_values(["abs_delta", "feature"], ascending=[False, True], kind="stable")
+    return frame.reset_index(drop=True)

@@ -1,0 +1,177 @@
+"""Loading base models and fine-tuned checkpoints into a TransformerLens bridge.
+
+Example:
+    >>> import aquin_nb
+    >>> bridge = aquin_nb.load_model("tiny-gpt2")
+    >>> bridge.cfg.n_layers
+    4
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._checkpoints import check_against_model, is_peft_adapter, normalise_keys, read_checkpoint
+from ._errors import AquinError
+from .catalog import find_entry
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_source(slug_or_path: str | Path) -> tuple[str, str]:
+    """``(source, label)``: a local directory or hub id, and a short display name."""
+    text = str(slug_or_path)
+    entry = find_entry(text)
+    if entry is not None:
+        return entry.model_path(), entry.slug
+    path = Path(text).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise AquinError(
+                f"model directory {path} has no config.json: expected a Hugging Face "
+                f"save_pretrained directory or a catalog slug (see `aquin-nb models`)"
+            )
+        return str(path), path.name
+    if text.startswith((".", "/", "~")) or text.endswith((".pt", ".safetensors")):
+        raise AquinError(f"model path {text} does not exist")
+    return text, text.rsplit("/", 1)[-1]
+
+
+def load_hf_model(
+    slug_or_path: str | Path, *, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """The plain Hugging Face model, its tokenizer and a label, before any bridge."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, label = resolve_model_source(slug_or_path)
+    local = Path(source).is_dir()
+    try:
+        # Eager attention matches the bridge, which forces it for hook access.
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, local_files_only=local, attn_implementation="eager"
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    except OSError as error:
+        raise AquinError(
+            f"cannot load model {source}: {str(error).splitlines()[0]} "
+            f"(no network? use a local directory or the embedded tiny-gpt2)"
+        ) from None
+    model.eval()
+    return model, tokenizer, label
+
+
+def apply_checkpoint(model: PreTrainedModel, checkpoint: str | Path) -> PreTrainedModel:
+    """Load ``checkpoint`` into ``model`` (in place, or merged for a PEFT adapter).
+
+    ``checkpoint`` may be a ``{step, state_dict}`` ``.pt`` with Hugging Face names
+    (prefixes ``model.``, ``_orig_mod.``, ``base_model.model.`` are stripped), a
+    bare state dict, a ``.safetensors`` file, a ``save_pretrained`` directory or a
+    PEFT LoRA adapter directory. Pickles that would run code are refused.
+    """
+    path = Path(checkpoint).expanduser()
+    model_name = getattr(model.config, "_name_or_path", None) or type(model).__name__
+    if is_peft_adapter(path):
+        return _merge_peft_adapter(model, path, model_name)
+    state, step = read_checkpoint(path)
+    model_state = model.state_dict()
+    state = normalise_keys(state, model_state)
+    check_against_model(state, model_state, source=str(path), model_name=model_name)
+    with torch.no_grad():
+        for key, tensor in state.items():
+            model_state[key].copy_(tensor.to(model_state[key].dtype))
+    logger.info("loaded checkpoint %s (step %s, %d tensors)", path, step, len(state))
+    return model
+
+
+def _merge_peft_adapter(model: PreTrainedModel, path: Path, model_name: str) -> PreTrainedModel:
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path))
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AquinError(f"cannot merge PEFT adapter {path} into {model_name}: {message}") from None
+    return peft_model.merge_and_unload()
+
+
+def load_model(
+    slug_or_path: str | Path,
+    checkpoint: str | Path | None = None,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> TransformerBridge:
+    """A TransformerLens ``TransformerBridge`` for a catalog slug or a local directory.
+
+    With ``checkpoint``, the fine-tuned weights are loaded into the Hugging Face
+    model before it is wrapped, so the bridge runs the checkpoint.
+
+    Example:
+        >>> bridge = load_model("tiny-gpt2")
+        >>> bridge.cfg.d_model
+        192
+    """
+    model, tokenizer, label = load_hf_model(slug_or_path, dtype=dtype)
+    if checkpoint is not None:
+        model = apply_checkpoint(model, checkpoint)
+    return wrap_bridge(model, tokenizer, label, device=device)
+
+
+def wrap_bridge(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    label: str,
+    *,
+    device: str | None = None,
+) -> TransformerBridge:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    source = getattr(model.config, "_name_or_path", None) or label
+    model.to(torch.device(device))  # type: ignore[arg-type]  # in place for nn.Module
+    bridge = TransformerBridge.boot_transformers(
+        source, hf_model=model, tokenizer=tokenizer, device=device
+    )
+    bridge.eval()
+    bridge.aquin_label = label  # type: ignore[attr-defined]
+    return bridge
+
+
+def hf_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The plain Hugging Face state dict of ``model``, the names checkpoints carry.
+
+    ``model`` may be a ``PreTrainedModel``, a PEFT model (its LoRA merged into a
+    copy) or a ``TransformerBridge`` that has not been put in compatibility mode.
+    """
+    import copy
+
+    from peft import PeftModel
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if isinstance(model, PeftModel):
+        model = copy.deepcopy(model).merge_and_unload()
+    if isinstance(model, TransformerBridge):
+        if model.compatibility_mode:
+            raise AquinError(
+                "this bridge's weights were processed for compatibility mode (folded layer "
+                "norms, centred writing weights); checkpoint the Hugging Face model instead"
+            )
+        original = model.original_model
+        with torch.device("meta"):
+            reference = type(original)(original.config)
+        names = set(reference.state_dict())
+        state = {
+            key.replace("._original_component", ""): value
+            for key, value in original.state_dict().items()
+        }
+        return {key: value for key, value in state.items() if key in names}
+    state = model.state_dict()
+    return {key.removeprefix("_orig_mod."): value for key, value in state.items()}

@@ -1,0 +1,47 @@
+"""Checkpointing a fine-tune in the format aquin_nb reads: ``{step, state_dict}``.
+
+Example:
+    >>> from aquin_nb import Run
+    >>> path = Run("my_run").checkpoint(model, step=100)  # doctest: +SKIP
+    >>> path.name
+    'checkpoint.pt'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ._errors import AquinError
+from ._io import atomic_torch_save
+
+
+class Run:
+    """A training run directory; ``checkpoint`` writes ``checkpoints/checkpoint.pt``.
+
+    Each call also keeps a per-step copy, ``checkpoints/step_<N>.pt``. The state
+    dict carries plain Hugging Face names (LoRA adapters merged), the names a
+    user's own trainer writes and the names ``load_model(..., checkpoint=)`` reads.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.directory / "checkpoints"
+
+    def checkpoint(self, model: Any, step: int) -> Path:
+        """Write ``{"step": step, "state_dict": ...}`` atomically; returns the latest path."""
+        from .models import hf_state_dict
+
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise AquinError(f"step must be a non-negative integer, got {step!r}")
+        # detach() keeps tied tensors sharing storage, so torch.save stores them once.
+        state = {key: value.detach().cpu() for key, value in hf_state_dict(model).items()}
+        payload = {"step": step, "state_dict": state}
+        atomic_torch_save(self.checkpoint_dir / f"step_{step}.pt", payload)
+        return atomic_torch_save(self.checkpoint_dir / "checkpoint.pt", payload)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.directory)!r})"

@@ -1,0 +1,234 @@
+"""Loading SAELens dictionaries and reading how they expect to be fed.
+
+Example:
+    >>> import aquin_nb
+    >>> sae = aquin_nb.load_sae("tiny-gpt2")
+    >>> sae.cfg.metadata.hook_name
+    'blocks.2.hook_resid_pre'
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from ._errors import AquinError
+from .catalog import CATALOG, EMBEDDED_DIR, find_entry
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+logger = logging.getLogger(__name__)
+
+_HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.(hook_[a-z_]+)$")
+
+# What HookedTransformer.from_pretrained_no_processing does, which is how SAELens
+# loads a model for training; an SAE's metadata overrides these.
+_NO_PROCESSING = {
+    "fold_ln": False,
+    "center_writing_weights": False,
+    "center_unembed": False,
+    "fold_value_biases": False,
+}
+
+
+class SAELike(Protocol):
+    """What aquin_nb needs of a dictionary: decoder rows and an encoder."""
+
+    W_dec: torch.Tensor
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SaeNumerics:
+    """How an SAE's training activations were produced (DESIGN.md decision 2)."""
+
+    hook_name: str
+    layer: int
+    prepend_bos: bool
+    context_size: int | None
+    processing: dict[str, bool]
+
+    @property
+    def needs_processing(self) -> bool:
+        return any(self.processing.values())
+
+
+def parse_hook(hook_name: str) -> tuple[int, str]:
+    """``("blocks.6.hook_resid_pre")`` → ``(6, "hook_resid_pre")``."""
+    match = _HOOK_PATTERN.match(hook_name)
+    if match is None:
+        raise AquinError(
+            f"unsupported hook {hook_name!r}: expected blocks.<layer>.hook_resid_pre, "
+            f"hook_resid_mid, hook_resid_post, hook_attn_out or hook_mlp_out"
+        )
+    return int(match.group(1)), match.group(2)
+
+
+def sae_numerics(sae: Any, layer: int | None = None) -> SaeNumerics:
+    """Read hook, BOS, context size and weight processing from an SAE's metadata."""
+    metadata = getattr(getattr(sae, "cfg", None), "metadata", None)
+    hook_name = getattr(metadata, "hook_name", None) if metadata is not None else None
+    if hook_name is None:
+        if layer is None:
+            raise AquinError(
+                "the SAE's metadata has no hook_name; pass layer= to say which residual "
+                "stream (blocks.<layer>.hook_resid_pre) it reads"
+            )
+        hook_name = f"blocks.{layer}.hook_resid_pre"
+    hook_layer, _ = parse_hook(hook_name)
+    if layer is not None and layer != hook_layer:
+        raise AquinError(
+            f"layer {layer} does not match the SAE, which was trained on {hook_name} "
+            f"(layer {hook_layer})"
+        )
+
+    def meta(key: str, default: Any) -> Any:
+        value = getattr(metadata, key, None) if metadata is not None else None
+        return default if value is None else value
+
+    kwargs = dict(meta("model_from_pretrained_kwargs", {}) or {})
+    processing = {key: bool(kwargs.get(key, default)) for key, default in _NO_PROCESSING.items()}
+    return SaeNumerics(
+        hook_name=hook_name,
+        layer=hook_layer,
+        prepend_bos=bool(meta("prepend_bos", True)),
+        context_size=meta("context_size", None),
+        processing=processing,
+    )
+
+
+def load_sae(slug_or_path: Any, layer: int | None = None, *, device: str = "cpu") -> SAE[Any]:
+    """An SAELens ``SAE`` from a catalog slug, a release, a directory or a ``.pt`` file.
+
+    Accepted forms:
+      * an ``SAE`` object (returned as is);
+      * a catalog slug (``"tiny-gpt2"``, ``"gpt2-small"``): its release at ``layer``
+        or the catalog's default layer;
+      * ``"RELEASE:SAE_ID"`` from SAELens's registry, e.g.
+        ``"gpt2-small-res-jb:blocks.6.hook_resid_pre"``;
+      * a SAELens directory (``cfg.json`` + ``sae_weights.safetensors``);
+      * a ``.pt`` file holding ``{"cfg": {...SAELens cfg...}, "state_dict": {...}}``.
+
+    Example:
+        >>> load_sae("tiny-gpt2", layer=2).cfg.d_in
+        192
+    """
+    from sae_lens import SAE
+
+    if isinstance(slug_or_path, SAE):
+        return slug_or_path
+    text = str(slug_or_path)
+    entry = find_entry(text)
+    if entry is not None:
+        sae_id = entry.sae_id_for(layer)
+        if entry.sae_release.startswith("embedded:"):
+            name = entry.sae_release.removeprefix("embedded:")
+            return _load_sae_dir(EMBEDDED_DIR / name / sae_id, device)
+        return _from_registry(entry.sae_release, sae_id, device)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _load_sae_dir(path, device)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return _load_sae_dir(path.parent, device)
+        return _load_sae_pt(path, device)
+    if ":" in text:
+        release, sae_id = text.split(":", 1)
+        return _from_registry(release, sae_id, device)
+    if text.startswith((".", "/", "~")) or text.endswith(".pt"):
+        raise AquinError(f"SAE path {text} does not exist")
+    raise AquinError(
+        f"unknown SAE {text!r}: pass a catalog slug ({', '.join(e.slug for e in CATALOG)}), "
+        f"RELEASE:SAE_ID, a SAELens directory or a .pt file"
+    )
+
+
+def _load_sae_dir(path: Path, device: str) -> SAE[Any]:
+    from sae_lens import SAE
+
+    if not (path / "cfg.json").is_file():
+        raise AquinError(f"SAE directory {path} has no cfg.json (expected SAELens format)")
+    try:
+        return SAE.load_from_disk(str(path), device=device)
+    except (KeyError, ValueError, RuntimeError, OSError) as error:
+        raise AquinError(f"cannot load SAE from {path}: {_first_line(error)}") from None
+
+
+def _load_sae_pt(path: Path, device: str) -> SAE[Any]:
+    from ._checkpoints import _torch_load
+
+    payload = _torch_load(path)
+    if not isinstance(payload, dict) or "cfg" not in payload or "state_dict" not in payload:
+        raise AquinError(f"SAE file {path} must hold {{'cfg': ..., 'state_dict': ...}}")
+    return sae_from_cfg_and_state(
+        payload["cfg"], payload["state_dict"], source=str(path), device=device
+    )
+
+
+def sae_from_cfg_and_state(
+    cfg: dict[str, Any], state_dict: dict[str, torch.Tensor], *, source: str, device: str = "cpu"
+) -> SAE[Any]:
+    """Build an inference ``SAE`` from a SAELens cfg dict and its tensors, checking shapes."""
+    from sae_lens import SAE
+    from sae_lens.saes.sae import SAEConfig
+
+    cfg = dict(cfg)
+    cfg.setdefault("architecture", "standard")
+    cfg["device"] = device
+    try:
+        sae_cls = SAE.get_sae_class_for_architecture(cfg["architecture"])
+        sae_cfg = SAEConfig.from_dict(cfg)
+        sae = sae_cls(sae_cfg)
+    except (KeyError, TypeError, ValueError) as error:
+        raise AquinError(f"SAE file {source} has an invalid cfg: {_first_line(error)}") from None
+    expected = sae.state_dict()
+    for key, tensor in expected.items():
+        if key not in state_dict:
+            raise AquinError(f"SAE file {source} is missing tensor {key} {tuple(tensor.shape)}")
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise AquinError(
+                f"SAE tensor {key} has shape {tuple(state_dict[key].shape)} in {source} but "
+                f"cfg d_in={cfg.get('d_in')}, d_sae={cfg.get('d_sae')} needs {tuple(tensor.shape)}"
+            )
+    sae.load_state_dict({key: state_dict[key] for key in expected})
+    return sae
+
+
+def _from_registry(release: str, sae_id: str, device: str) -> SAE[Any]:
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise AquinError(f"unknown SAELens release {release!r}")
+    if sae_id not in directory[release].saes_map:
+        raise AquinError(f"release {release} has no SAE with id {sae_id!r}")
+    try:
+        return SAE.from_pretrained(release, sae_id, device=device)
+    except Exception as error:  # hub clients raise many types; all mean "could not fetch"
+        raise AquinError(
+            f"cannot fetch SAE {release}:{sae_id} from the hub ({_first_line(error)}); "
+            f"offline, use the embedded tiny-gpt2 or a local SAE directory"
+        ) from None
+
+
+def check_sae_fits(sae: Any, d_model: int, n_layers: int, layer: int, model_label: str) -> None:
+    d_in = int(sae.W_dec.shape[1])
+    if d_in != d_model:
+        raise AquinError(f"SAE d_in {d_in} does not match {model_label}'s d_model {d_model}")
+    if not 0 <= layer < n_layers:
+        raise AquinError(
+            f"layer {layer} is out of range: {model_label} has {n_layers} layers (0-{n_layers - 1})"
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

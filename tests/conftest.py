@@ -1,0 +1,78 @@
+"""Shared fixtures: the embedded zoo and checkpoints with known, planted changes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+PLANTED_FEATURE_RANK = 0  # which strongly-encoding feature to plant (see planted_feature)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf():
+    from aquin_nb.models import load_hf_model
+
+    model, tokenizer, _ = load_hf_model("tiny-gpt2")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_sae():
+    from aquin_nb import load_sae
+
+    return load_sae("tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def base_state(tiny_hf) -> dict[str, torch.Tensor]:
+    model, _ = tiny_hf
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def planted_feature(tiny_sae) -> int:
+    """A feature that rarely fires on the probes, so a planted change stands out."""
+    return 101
+
+
+def plant(
+    state: dict[str, torch.Tensor], sae, feature: int, alpha: float
+) -> dict[str, torch.Tensor]:
+    """Add ``alpha`` times feature's decoder direction to the MLP output bias of block 1.
+
+    ``blocks.1`` writes straight into ``blocks.2.hook_resid_pre``, the SAE's hook,
+    so every token's activation moves by exactly that vector (centred, as the
+    SAE's numerics centre writing weights).
+    """
+    direction = sae.W_dec[feature].detach().clone()
+    direction -= direction.mean()
+    planted = {key: value.clone() for key, value in state.items()}
+    planted["transformer.h.1.mlp.c_proj.bias"] += alpha * direction
+    return planted
+
+
+@pytest.fixture(scope="session")
+def planted_state(base_state, tiny_sae, planted_feature):
+    return plant(base_state, tiny_sae, planted_feature, alpha=3.0)
+
+
+@pytest.fixture(scope="session")
+def planted_pt(tmp_path_factory, planted_state) -> Path:
+    path = tmp_path_factory.mktemp("planted") / "planted.pt"
+    torch.save({"step": 7, "state_dict": planted_state}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def copy_pt(tmp_path_factory, base_state) -> Path:
+    path = tmp_path_factory.mktemp("copy") / "copy.pt"
+    torch.save({"step": 0, "state_dict": base_state}, path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog):
+    caplog.set_level(logging.WARNING)

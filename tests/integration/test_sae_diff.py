@@ -1,0 +1,190 @@
+"""sae_diff end to end on the embedded zoo, with planted changes of known answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from aquin_nb import AquinError, SaeDiff, sae_diff
+
+from ..conftest import plant
+
+
+@pytest.fixture(scope="module")
+def planted_diff(planted_pt):
+    return sae_diff("tiny-gpt2", planted_pt, progress=False)
+
+
+def test_planted_feature_ranks_first(planted_diff, planted_feature):
+    top = planted_diff.top(3)
+    assert int(top.loc[0, "feature"]) == planted_feature
+    assert bool(top.loc[0, "changed"])
+    assert top.loc[0, "checkpoint"] > top.loc[0, "base"]
+    assert planted_diff.summary["n_changed"] >= 1
+
+
+@pytest.mark.parametrize("feature", [3, 640, 1200])
+def test_planted_change_is_found_for_other_features(tmp_path, base_state, tiny_sae, feature):
+    path = tmp_path / "planted.pt"
+    torch.save({"step": 1, "state_dict": plant(base_state, tiny_sae, feature, 3.0)}, path)
+    diff = sae_diff("tiny-gpt2", path, progress=False)
+    assert int(diff.top(1).loc[0, "feature"]) == feature
+
+
+def test_untouched_copy_changes_nothing(copy_pt):
+    diff = sae_diff("tiny-gpt2", copy_pt, progress=False)
+    assert diff.summary["n_changed"] == 0
+    assert diff.summary["max_abs_delta"] == 0.0
+    fit = diff.summary["fit"]
+    assert fit["base"] == fit["checkpoint"] and fit["warning"] is None
+
+
+def test_summary_and_columns(planted_diff):
+    s = planted_diff.summary
+    for key in (
+        "n_features",
+        "n_changed",
+        "mean_abs_delta",
+        "max_abs_delta",
+        "n_prompts",
+        "n_tokens",
+        "layer",
+        "hook",
+        "model",
+        "checkpoint",
+        "name",
+        "fit",
+    ):
+        assert key in s
+    assert s["n_features"] == 1536 and s["layer"] == 2 and s["hook"] == "blocks.2.hook_resid_pre"
+    assert s["name"] == "planted" and s["model"] == "tiny-gpt2"
+    assert s["n_prompts"] == 32 and s["n_tokens"] > 200
+    assert 0.5 < s["fit"]["base"]["explained_variance"] <= 1.0
+    frame = planted_diff.features
+    assert list(frame.columns) == [
+        "feature",
+        "base",
+        "checkpoint",
+        "delta",
+        "abs_delta",
+        "base_freq",
+        "checkpoint_freq",
+        "p_value",
+        "q_value",
+        "changed",
+    ]
+    assert frame["abs_delta"].is_monotonic_decreasing
+    np.testing.assert_allclose(frame["delta"], frame["checkpoint"] - frame["base"])
+    assert s["max_abs_delta"] == pytest.approx(frame["abs_delta"].max())
+    assert s["n_changed"] == int(frame["changed"].sum())
+
+
+def test_json_round_trip(planted_diff, tmp_path):
+    path = planted_diff.to_json(tmp_path / "diff.json")
+    again = SaeDiff.from_json(path)
+    assert again.summary == planted_diff.summary
+    pd.testing.assert_frame_equal(again.features, planted_diff.features)
+    assert '"schema_version": 1' in path.read_text()
+
+
+def test_mimebundle_has_plain_text(planted_diff):
+    bundle = planted_diff._repr_mimebundle_()
+    assert "features changed" in bundle["text/plain"]
+
+
+def _same_diff(left: SaeDiff, right: SaeDiff) -> None:
+    columns = ["feature", "base", "checkpoint", "delta"]
+    np.testing.assert_allclose(
+        left.features.sort_values("feature")[columns].to_numpy(),
+        right.features.sort_values("feature")[columns].to_numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert left.summary["n_changed"] == right.summary["n_changed"]
+
+
+def test_every_checkpoint_format_gives_the_same_diff(
+    tmp_path, planted_state, planted_diff, tiny_hf
+):
+    from safetensors.torch import save_file
+
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save(
+        {"step": 3, "state_dict": {"model." + k: v for k, v in planted_state.items()}}, wrapped
+    )
+    bare = tmp_path / "bare.pt"
+    torch.save({"_orig_mod." + k: v for k, v in planted_state.items()}, bare)
+    tensors = tmp_path / "weights.safetensors"
+    save_file(
+        {k: v.clone().contiguous() for k, v in planted_state.items() if k != "lm_head.weight"},
+        tensors,
+    )
+    pretrained = tmp_path / "pretrained"
+    model, tokenizer = tiny_hf
+    import copy
+
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(planted_state)
+    clone.save_pretrained(pretrained)
+    for checkpoint in (wrapped, bare, tensors, pretrained):
+        _same_diff(sae_diff("tiny-gpt2", checkpoint, progress=False), planted_diff)
+
+
+def test_peft_adapter_directory_is_merged_on_load(tmp_path, tiny_hf):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_hf
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=4, target_modules=["c_fc"], fan_in_fan_out=True, init_lora_weights=False
+    )  # random B, so the adapter changes something
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = peft_model.merge_and_unload()
+    torch.save({"step": 1, "state_dict": merged.state_dict()}, tmp_path / "merged.pt")
+    from_adapter = sae_diff("tiny-gpt2", tmp_path / "adapter", progress=False)
+    from_merged = sae_diff("tiny-gpt2", tmp_path / "merged.pt", progress=False)
+    _same_diff(from_adapter, from_merged)
+    assert from_adapter.summary["max_abs_delta"] > 0
+
+
+def test_loaded_bridges_and_models_are_accepted(planted_state, planted_diff, tiny_hf):
+    import copy
+
+    from aquin_nb import load_model
+
+    model, _ = tiny_hf
+    finetuned = copy.deepcopy(model)
+    finetuned.load_state_dict(planted_state)
+    diff = sae_diff(load_model("tiny-gpt2"), finetuned, progress=False)
+    _same_diff(diff, planted_diff)
+
+
+def test_long_prompt_is_truncated_with_a_warning(copy_pt, caplog):
+    long_prompt = "Return the list of items. " * 200
+    diff = sae_diff("tiny-gpt2", copy_pt, prompts=[long_prompt, "Close the file."], progress=False)
+    assert "truncated" in caplog.text
+    assert diff.summary["n_tokens"] == 127 + 4 or diff.summary["n_tokens"] > 127
+
+
+def test_layer_out_of_range(copy_pt):
+    with pytest.raises(
+        AquinError, match=r"layer 9 is out of range: tiny-gpt2 has 4 layers \(0-3\)"
+    ):
+        sae_diff("tiny-gpt2", copy_pt, layer=9, progress=False)
+
+
+def test_fit_warning_when_the_checkpoint_leaves_the_dictionary(tmp_path, base_state):
+    torch.manual_seed(0)
+    scrambled = {k: v.clone() for k, v in base_state.items()}
+    scrambled["transformer.h.1.mlp.c_proj.bias"] += 4.0 * torch.randn(192)
+    path = tmp_path / "scrambled.pt"
+    torch.save(scrambled, path)
+    diff = sae_diff("tiny-gpt2", path, progress=False)
+    fit = diff.summary["fit"]
+    assert fit["checkpoint"]["explained_variance"] < fit["base"]["explained_variance"] - 0.1
+    assert "no longer fit" in fit["warning"]

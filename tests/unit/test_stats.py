@@ -1,0 +1,65 @@
+"""Known answers for the streaming statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from aquin_nb._stats import FitStats, PairedFeatureStats
+
+
+def test_paired_pvalues_match_scipy_ttest_rel_in_any_batching():
+    rng = np.random.default_rng(0)
+    n_prompts, d_sae = 12, 5
+    tokens_per_prompt = rng.integers(2, 9, size=n_prompts)
+    base_tokens, ckpt_tokens, owner = [], [], []
+    for prompt, count in enumerate(tokens_per_prompt):
+        base = rng.exponential(1.0, size=(count, d_sae))
+        shift = np.array([0.0, 0.5, 0.0, -0.2, 0.05]) + rng.normal(0, 0.1, size=(1, d_sae))
+        base_tokens.append(base)
+        ckpt_tokens.append(base + shift)
+        owner += [prompt] * count
+    base_all, ckpt_all = np.concatenate(base_tokens), np.concatenate(ckpt_tokens)
+    owner = np.array(owner)
+
+    # Reference: per-prompt means, then scipy's paired t-test.
+    base_means = np.stack([base_all[owner == p].mean(0) for p in range(n_prompts)])
+    ckpt_means = np.stack([ckpt_all[owner == p].mean(0) for p in range(n_prompts)])
+    expected = stats.ttest_rel(ckpt_means, base_means).pvalue
+
+    for batch in (1, 5, 12):
+        acc = PairedFeatureStats(d_sae)
+        for start in range(0, n_prompts, batch):
+            prompts = list(range(start, min(start + batch, n_prompts)))
+            keep = np.isin(owner, prompts)
+            rows = torch.as_tensor(owner[keep] - start)
+            acc.update(
+                torch.as_tensor(base_all[keep]), torch.as_tensor(ckpt_all[keep]), rows, len(prompts)
+            )
+        np.testing.assert_allclose(acc.paired_t_pvalues(), expected, rtol=1e-8)
+        np.testing.assert_allclose(acc.base_sum.numpy() / acc.n_tokens, base_all.mean(0))
+        assert acc.n_prompts == n_prompts and acc.n_tokens == len(owner)
+
+
+def test_identical_sides_give_p_one_and_constant_shift_gives_p_zero():
+    base = torch.rand(10, 3)
+    owner = torch.arange(10) // 2
+    same = PairedFeatureStats(3)
+    same.update(base, base.clone(), owner, 5)
+    assert same.paired_t_pvalues().tolist() == [1.0, 1.0, 1.0]
+    shifted = PairedFeatureStats(3)
+    shifted.update(base.double(), base.double() + torch.tensor([0.0, 1.0, 0.0]).double(), owner, 5)
+    assert shifted.paired_t_pvalues().tolist() == [1.0, 0.0, 1.0]
+
+
+def test_fit_stats_known_answers():
+    x = torch.randn(100, 4, dtype=torch.float64)
+    perfect = FitStats(4)
+    perfect.update(x, x, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert perfect.result()["explained_variance"] == pytest.approx(1.0)
+    assert perfect.result()["l0"] == pytest.approx(1 / 100)
+    mean_only = FitStats(4)
+    mean_only.update(x, x.mean(0).expand_as(x), torch.zeros(1, 1))
+    assert mean_only.result()["explained_variance"] == pytest.approx(0.0, abs=1e-12)
