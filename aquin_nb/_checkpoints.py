@@ -9,7 +9,6 @@ against the base model's own names, and every mismatch names the tensor.
 from __future__ import annotations
 
 import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -60,17 +59,18 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    except Exception as error:  # torch raises many types for unreadable bytes
+        message = str(error).strip()
+        if isinstance(error, pickle.UnpicklingError) and "weights only" in message.lower():
+            detail = next((line.strip() for line in message.splitlines() if "GLOBAL" in line), "")
+            raise AquinError(
+                f"refused to load checkpoint {path}: it holds pickled objects that are not "
+                f"plain tensors, and aquin_nb never runs code from a checkpoint "
+                f"(weights_only=True). {detail}".rstrip()
+            ) from None
+        first_line = message.splitlines()[0] if message else type(error).__name__
         raise AquinError(
-            f"refused to load checkpoint {path}: it holds pickled objects that are not plain "
-            f"tensors, and aquin_nb never runs code from a checkpoint (weights_only=True). "
-            f"{first_line}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise AquinError(
-            f"cannot read checkpoint {path}: the file is truncated or corrupt ({message})"
+            f"cannot read checkpoint {path}: the file is truncated or corrupt ({first_line})"
         ) from None
 
 

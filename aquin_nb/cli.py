@@ -70,6 +70,7 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
 
 def _cmd_pull_sae(args: argparse.Namespace) -> None:
+    _quiet_library_loaders()
     from .catalog import get_entry
     from .saes import load_sae
 
@@ -81,6 +82,7 @@ def _cmd_pull_sae(args: argparse.Namespace) -> None:
 
 
 def _cmd_sae_diff(args: argparse.Namespace) -> None:
+    _quiet_library_loaders()
     from .diff import sae_diff
 
     diff = sae_diff(
@@ -104,6 +106,7 @@ def _cmd_sae_diff(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    _quiet_library_loaders()
     from .demo.run import run_demo
 
     result = run_demo(args.out, steps=args.steps, progress=not args.quiet)
@@ -181,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_cmd_demo)
     return parser
+
+
+def _quiet_library_loaders() -> None:
+    """Our own tqdm bars show the work; the per-tensor loading bars of transformers are noise.
+
+    The CLI owns its process, so it may set this; the library never does.
+    """
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

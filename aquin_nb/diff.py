@@ -203,7 +203,7 @@ def sae_diff(
             f"layer {layer} is out of range: {model_label} has {n_layers} layers (0-{n_layers - 1})"
         )
     if sae is None:
-        entry = find_entry(str(model)) if isinstance(model, (str, Path)) else None
+        entry = find_entry(str(model) if isinstance(model, (str, Path)) else model_label)
         if entry is None:
             raise AquinError(
                 f"no public SAE is catalogued for {model_label}; pass sae= (a slug, "

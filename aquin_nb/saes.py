@@ -9,8 +9,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -156,7 +159,8 @@ def _load_sae_dir(path: Path, device: str) -> SAE[Any]:
     if not (path / "cfg.json").is_file():
         raise AquinError(f"SAE directory {path} has no cfg.json (expected SAELens format)")
     try:
-        return SAE.load_from_disk(str(path), device=device)
+        with _quiet_processing_hint():
+            return SAE.load_from_disk(str(path), device=device)
     except (KeyError, ValueError, RuntimeError, OSError) as error:
         raise AquinError(f"cannot load SAE from {path}: {_first_line(error)}") from None
 
@@ -185,7 +189,8 @@ def sae_from_cfg_and_state(
     try:
         sae_cls = SAE.get_sae_class_for_architecture(cfg["architecture"])
         sae_cfg = SAEConfig.from_dict(cfg)
-        sae = sae_cls(sae_cfg)
+        with _quiet_processing_hint():
+            sae = sae_cls(sae_cfg)
     except (KeyError, TypeError, ValueError) as error:
         raise AquinError(f"SAE file {source} has an invalid cfg: {_first_line(error)}") from None
     expected = sae.state_dict()
@@ -211,7 +216,8 @@ def _from_registry(release: str, sae_id: str, device: str) -> SAE[Any]:
     if sae_id not in directory[release].saes_map:
         raise AquinError(f"release {release} has no SAE with id {sae_id!r}")
     try:
-        return SAE.from_pretrained(release, sae_id, device=device)
+        with _quiet_processing_hint():
+            return SAE.from_pretrained(release, sae_id, device=device)
     except Exception as error:  # hub clients raise many types; all mean "could not fetch"
         raise AquinError(
             f"cannot fetch SAE {release}:{sae_id} from the hub ({_first_line(error)}); "
@@ -227,6 +233,14 @@ def check_sae_fits(sae: Any, d_model: int, n_layers: int, layer: int, model_labe
         raise AquinError(
             f"layer {layer} is out of range: {model_label} has {n_layers} layers (0-{n_layers - 1})"
         )
+
+
+@contextlib.contextmanager
+def _quiet_processing_hint() -> Iterator[None]:
+    """SAELens warns to load the model with the SAE's processing kwargs; sae_diff does."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*non-empty model_from_pretrained_kwargs")
+        yield
 
 
 def _first_line(error: BaseException) -> str:

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-PLANTED_FEATURE_RANK = 0  # which strongly-encoding feature to plant (see planted_feature)
-
 
 @pytest.fixture(scope="session")
 def tiny_hf():
@@ -32,23 +30,39 @@ def base_state(tiny_hf) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
+def self_selective_features(sae, margin: float = 1.2) -> list[int]:
+    """Features whose encoder answers their own decoder direction ``margin``x more than any other.
+
+    That is what makes a feature readable, and it holds for about 90% of the
+    embedded SAE's features; a plant along such a direction must rank first.
+    """
+    directions = sae.W_dec.detach() - sae.W_dec.detach().mean(1, keepdim=True)
+    response = directions @ sae.W_enc.detach()  # [planted f, responding g]
+    own = response.diag()
+    others = response.masked_fill(torch.eye(len(response), dtype=torch.bool), float("-inf"))
+    return (own > margin * others.max(1).values).nonzero().flatten().tolist()
+
+
 @pytest.fixture(scope="session")
 def planted_feature(tiny_sae) -> int:
-    """A feature that rarely fires on the probes, so a planted change stands out."""
-    return 101
+    feature = 101
+    assert feature in self_selective_features(tiny_sae)
+    return feature
 
 
 def plant(
-    state: dict[str, torch.Tensor], sae, feature: int, alpha: float
+    state: dict[str, torch.Tensor], sae, feature: int, boost: float = 4.0
 ) -> dict[str, torch.Tensor]:
-    """Add ``alpha`` times feature's decoder direction to the MLP output bias of block 1.
+    """Add feature's decoder direction to the MLP output bias of block 1.
 
     ``blocks.1`` writes straight into ``blocks.2.hook_resid_pre``, the SAE's hook,
     so every token's activation moves by exactly that vector (centred, as the
-    SAE's numerics centre writing weights).
+    SAE's numerics centre writing weights). The vector is scaled so the feature's
+    pre-activation rises by ``boost``.
     """
     direction = sae.W_dec[feature].detach().clone()
     direction -= direction.mean()
+    alpha = boost / float(direction @ sae.W_enc[:, feature].detach())
     planted = {key: value.clone() for key, value in state.items()}
     planted["transformer.h.1.mlp.c_proj.bias"] += alpha * direction
     return planted
@@ -56,7 +70,7 @@ def plant(
 
 @pytest.fixture(scope="session")
 def planted_state(base_state, tiny_sae, planted_feature):
-    return plant(base_state, tiny_sae, planted_feature, alpha=3.0)
+    return plant(base_state, tiny_sae, planted_feature)
 
 
 @pytest.fixture(scope="session")

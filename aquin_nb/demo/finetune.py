@@ -65,7 +65,7 @@ def finetune_lora(
     run_dir: str | Path = "runs/lora",
     *,
     steps: int = 120,
-    lr: float = 2e-3,
+    lr: float = 5e-5,
     batch_size: int = 16,
     rank: int = 8,
     seed: int = 0,

@@ -14,15 +14,15 @@ from aquin_nb.demo.finetune import finetune_lora
 @pytest.fixture(scope="module")
 def lora_checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("lora")
-    return finetune_lora("tiny-gpt2", run_dir=run_dir, steps=40, progress=False)
+    return finetune_lora("tiny-gpt2", run_dir=run_dir, steps=60, progress=False)
 
 
 def test_lora_fixture_writes_step_and_plain_hf_names(lora_checkpoint, tiny_hf):
     payload = torch.load(lora_checkpoint, weights_only=True)
-    assert payload["step"] == 40
+    assert payload["step"] == 60
     model, _ = tiny_hf
     assert set(payload["state_dict"]) == set(model.state_dict())
-    assert (lora_checkpoint.parent / "step_40.pt").is_file()
+    assert (lora_checkpoint.parent / "step_60.pt").is_file()
     changed = [
         k for k, v in payload["state_dict"].items() if not torch.equal(v, model.state_dict()[k])
     ]
