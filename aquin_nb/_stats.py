@@ -32,16 +32,17 @@ class PairedFeatureStats:
         prompt_of_token: torch.Tensor,  # [tokens] row index 0..n_rows-1
         n_rows: int,
     ) -> None:
-        base64, checkpoint64 = base.double().cpu(), checkpoint.double().cpu()
-        rows = prompt_of_token.cpu()
-        self.base_sum += base64.sum(0)
-        self.checkpoint_sum += checkpoint64.sum(0)
-        self.base_fires += (base64 > 0).sum(0)
-        self.checkpoint_fires += (checkpoint64 > 0).sum(0)
-        counts = torch.bincount(rows, minlength=n_rows).double().clamp_min(1)[:, None]
-        per_prompt = torch.zeros((n_rows, base64.shape[1]), dtype=torch.float64)
-        per_prompt.index_add_(0, rows, checkpoint64 - base64)
-        per_prompt /= counts
+        # Reduce in the activations' own dtype within the batch (at most a few thousand
+        # tokens), then accumulate across batches in float64: no full-size copies.
+        rows = prompt_of_token.to(base.device)
+        self.base_sum += base.sum(0).double().cpu()
+        self.checkpoint_sum += checkpoint.sum(0).double().cpu()
+        self.base_fires += (base > 0).sum(0).double().cpu()
+        self.checkpoint_fires += (checkpoint > 0).sum(0).double().cpu()
+        counts = torch.bincount(rows, minlength=n_rows).clamp_min(1)[:, None]
+        per_prompt = torch.zeros((n_rows, base.shape[1]), dtype=base.dtype, device=base.device)
+        per_prompt.index_add_(0, rows, checkpoint - base)
+        per_prompt = (per_prompt / counts).double().cpu()
         self.diff_sum += per_prompt.sum(0)
         self.diff_sq_sum += (per_prompt**2).sum(0)
         self.n_tokens += int(base.shape[0])
@@ -67,24 +68,23 @@ class PairedFeatureStats:
 
 
 class FitStats:
-    """Explained variance and L0 of an SAE on a stream of activations, in O(d_in)."""
+    """Explained variance of an SAE's reconstructions on a stream of activations, in O(d_in).
+
+    (L0 needs no pass of its own: it is the firing counts summed over features.)
+    """
 
     def __init__(self, d_in: int) -> None:
         self.sum = torch.zeros(d_in, dtype=torch.float64)
         self.sq_sum = 0.0
         self.error_sq_sum = 0.0
-        self.l0_sum = 0.0
         self.n = 0
 
-    def update(self, x: torch.Tensor, reconstruction: torch.Tensor, feats: torch.Tensor) -> None:
-        x64 = x.double().cpu()
-        self.sum += x64.sum(0)
-        self.sq_sum += float((x64**2).sum())
-        self.error_sq_sum += float(((x64 - reconstruction.double().cpu()) ** 2).sum())
-        self.l0_sum += float((feats > 0).sum())
+    def update(self, x: torch.Tensor, reconstruction: torch.Tensor) -> None:
+        self.sum += x.sum(0).double().cpu()
+        self.sq_sum += float((x * x).sum())
+        self.error_sq_sum += float(((x - reconstruction) ** 2).sum())
         self.n += int(x.shape[0])
 
-    def result(self) -> dict[str, float]:
+    def explained_variance(self) -> float:
         total_variance = self.sq_sum - float((self.sum**2).sum()) / self.n
-        explained = 1.0 - self.error_sq_sum / total_variance if total_variance > 0 else 0.0
-        return {"explained_variance": explained, "l0": self.l0_sum / self.n}
+        return 1.0 - self.error_sq_sum / total_variance if total_variance > 0 else 0.0

@@ -249,14 +249,20 @@ def sae_diff(
             x_base = residual(base, batch.tokens, numerics.hook_name)[mask].to(sae_dtype)
             x_ckpt = residual(ckpt, batch.tokens, numerics.hook_name)[mask].to(sae_dtype)
             f_base, f_ckpt = sae_obj.encode(x_base), sae_obj.encode(x_ckpt)
-            base_fit.update(x_base, sae_obj.decode(f_base), f_base)
-            checkpoint_fit.update(x_ckpt, sae_obj.decode(f_ckpt), f_ckpt)
+            base_fit.update(x_base, sae_obj.decode(f_base))
+            checkpoint_fit.update(x_ckpt, sae_obj.decode(f_ckpt))
             stats.update(f_base, f_ckpt, row_of_token, len(batch.tokens))
 
     features = _feature_frame(stats, fdr, min_rel_delta, min_abs_delta)
     fit: dict[str, Any] = {
-        "base": base_fit.result(),
-        "checkpoint": checkpoint_fit.result(),
+        "base": {
+            "explained_variance": base_fit.explained_variance(),
+            "l0": float(stats.base_fires.sum()) / stats.n_tokens,
+        },
+        "checkpoint": {
+            "explained_variance": checkpoint_fit.explained_variance(),
+            "l0": float(stats.checkpoint_fires.sum()) / stats.n_tokens,
+        },
         "warning": None,
     }
     drop = fit["base"]["explained_variance"] - fit["checkpoint"]["explained_variance"]

@@ -93,42 +93,49 @@ def main() -> None:
     prepare_bridge(base, numerics)
     prepare_bridge(ckpt, numerics)
 
-    def ours() -> None:
-        sae_diff(base, ckpt, prompts=prompts, sae=sae, progress=False)
-
-    token_lists = tokenize_prompts(
-        base.tokenizer, prompts, prepend_bos=True, max_length=context_length(base, numerics)
-    )
-
-    def floor() -> None:
-        for batch in token_batches(token_lists, batch_size=16, skip_first=True):
-            for bridge in (base, ckpt):
-                sae.encode(residual(bridge, batch.tokens, numerics.hook_name)[batch.mask])
-
     hf_ckpt = apply_checkpoint(load_hf_model("tiny-gpt2")[0], checkpoint)
     hooked_base = hooked_tiny_gpt2(None, **numerics.processing)
     hooked_ckpt = hooked_tiny_gpt2(hf_ckpt, **numerics.processing)
     feature_hook = f"{numerics.hook_name}.hook_sae_acts_post"
 
-    def naive() -> None:
-        frames = []
-        for label, model in (("base", hooked_base), ("checkpoint", hooked_ckpt)):
-            for index, ids in enumerate(token_lists):
-                _, cache = model.run_with_cache_with_saes(torch.tensor([ids]), saes=[sae])
-                acts = cache[feature_hook][0, 1:].numpy()
-                frame = pd.DataFrame(acts)
-                frame["prompt"], frame["side"] = index, label
-                frames.append(frame)
-        table = pd.concat(frames)
-        means = table.drop(columns="prompt").groupby("side").mean()
-        (means.loc["checkpoint"] - means.loc["base"]).abs().sort_values(ascending=False)
+    def routes(prompt_list: list[str]):
+        token_lists = tokenize_prompts(
+            base.tokenizer, prompt_list, prepend_bos=True, max_length=context_length(base, numerics)
+        )
 
-    # Interleave the routes so machine noise hits all three alike.
-    results: dict[str, list[float]] = {"ours": [], "floor": [], "naive": []}
-    for _ in range(args.repeats):
-        for name, fn in (("ours", ours), ("floor", floor), ("naive", naive)):
-            results[name].append(_time(fn, 1))
-    t = {name: statistics.median(values) for name, values in results.items()}
+        def ours() -> None:
+            sae_diff(base, ckpt, prompts=prompt_list, sae=sae, progress=False)
+
+        def floor() -> None:
+            for batch in token_batches(token_lists, batch_size=16, skip_first=True):
+                for bridge in (base, ckpt):
+                    sae.encode(residual(bridge, batch.tokens, numerics.hook_name)[batch.mask])
+
+        def naive() -> None:
+            frames = []
+            for label, model in (("base", hooked_base), ("checkpoint", hooked_ckpt)):
+                for index, ids in enumerate(token_lists):
+                    _, cache = model.run_with_cache_with_saes(torch.tensor([ids]), saes=[sae])
+                    frame = pd.DataFrame(cache[feature_hook][0, 1:].numpy())
+                    frame["prompt"], frame["side"] = index, label
+                    frames.append(frame)
+            table = pd.concat(frames)
+            means = table.drop(columns="prompt").groupby("side").mean()
+            (means.loc["checkpoint"] - means.loc["base"]).abs().sort_values(ascending=False)
+
+        return token_lists, {"ours": ours, "floor": floor, "naive": naive}
+
+    timings: dict[int, dict[str, float]] = {}
+    for scale in (1, args.prompts_scale):
+        token_lists, fns = routes(prompts * scale)
+        names = ("ours", "floor", "naive") if scale == 1 else ("ours", "floor")
+        # Interleave the routes so machine noise hits them alike.
+        results: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(args.repeats):
+            for name in names:
+                results[name].append(_time(fns[name], 1))
+        timings[scale] = {name: statistics.median(values) for name, values in results.items()}
+        timings[scale]["tokens"] = sum(len(ids) - 1 for ids in token_lists)
 
     many = args.tmp / "prompts_scaled.json"
     many.write_text(json.dumps(prompts * args.prompts_scale))
@@ -136,15 +143,16 @@ def main() -> None:
     one.write_text(json.dumps(prompts))
     rss_one, rss_many = _peak_rss_mb(checkpoint, one), _peak_rss_mb(checkpoint, many)
 
-    print(
-        f"prompts: {len(prompts)}, tokens: {sum(len(ids) - 1 for ids in token_lists)}, "
-        f"torch threads: {torch.get_num_threads()}"
-    )
-    print(f"ours   {t['ours'] * 1000:8.1f} ms (median of {args.repeats})")
-    print(f"floor  {t['floor'] * 1000:8.1f} ms")
-    print(f"naive  {t['naive'] * 1000:8.1f} ms")
-    print(f"ours/floor  = {t['ours'] / t['floor']:.2f}  (target <= 1.2)")
-    print(f"naive/ours  = {t['naive'] / t['ours']:.2f}  (target >= 2)")
+    print(f"torch threads: {torch.get_num_threads()}, repeats: {args.repeats} (medians)")
+    for scale, t in timings.items():
+        print(f"{len(prompts) * scale} prompts / {t['tokens']:.0f} tokens:")
+        line = f"  ours {t['ours'] * 1000:8.1f} ms   floor {t['floor'] * 1000:8.1f} ms"
+        if "naive" in t:
+            line += f"   naive {t['naive'] * 1000:8.1f} ms"
+        print(line)
+        print(f"  ours/floor = {t['ours'] / t['floor']:.2f}  (target <= 1.2)")
+        if "naive" in t:
+            print(f"  naive/ours = {t['naive'] / t['ours']:.2f}  (target >= 2)")
     print(
         f"peak RSS 1x = {rss_one:.0f} MB, {args.prompts_scale}x = {rss_many:.0f} MB, "
         f"ratio {rss_many / rss_one:.3f}  (target <= 1.1)"
