@@ -89,4 +89,5 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "nChanged=" in out
     assert (tmp_path / "demo" / "sae_diff.json").is_file()
+    assert "aquin-card" in (tmp_path / "demo" / "report.html").read_text()
     assert (tmp_path / "demo" / "run" / "checkpoints" / "checkpoint.pt").is_file()

@@ -1,0 +1,120 @@
+"""Static HTML for card specs: tables and inline SVG, every string escaped, no CDN."""
+
+from __future__ import annotations
+
+import html
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def widget_source(name: str) -> str:
+    """A front-end source from ``widgets/`` (packaged as ``aquin_nb/_widgets``)."""
+    for folder in (_PACKAGE / "_widgets", _PACKAGE.parent / "widgets"):
+        if (folder / name).is_file():
+            return (folder / name).read_text("utf-8")
+    raise FileNotFoundError(f"widget source {name} is missing from the installation")
+
+
+@cache
+def _css() -> str:
+    return widget_source("card.css")
+
+
+def _escape(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return _escape(value)
+
+
+def _chips(spec: dict[str, Any]) -> str:
+    parts = []
+    for chip in spec["chips"]:
+        css = "aquin-chip aquin-warn" if chip.get("warn") else "aquin-chip"
+        parts.append(
+            f'<span class="{css}">{_escape(chip["label"])} <b>{_escape(chip["value"])}</b></span>'
+        )
+    return f'<div class="aquin-chips">{"".join(parts)}</div>'
+
+
+def _table(table: dict[str, Any]) -> str:
+    head = "".join(f"<th>{_escape(column)}</th>" for column in table["columns"])
+    rows = []
+    for row in table["rows"]:
+        cells = []
+        for column in table["columns"]:
+            value = row[column]
+            css = ""
+            if column == "delta":
+                css = ' class="aquin-pos"' if value > 0 else ' class="aquin-neg"'
+            cells.append(f"<td{css}>{_number(value)}</td>")
+        feature = _escape(row.get("feature", ""))
+        rows.append(f'<tr data-feature="{feature}">{"".join(cells)}</tr>')
+    return (
+        f'<table class="aquin-table"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def diverging_bars_svg(bars: list[dict[str, Any]], width: int = 460, row: int = 15) -> str:
+    """Horizontal bars around a zero line: rising features red to the right, falling blue."""
+    if not bars:
+        return ""
+    label_width, half = 60, (width - 60) / 2
+    extent = max(abs(bar["delta"]) for bar in bars) or 1.0
+    height = row * len(bars) + 4
+    zero = label_width + half
+    shapes = [f'<line x1="{zero}" y1="0" x2="{zero}" y2="{height}" stroke="#9aa5b1"/>']
+    for index, bar in enumerate(bars):
+        length = abs(bar["delta"]) / extent * (half - 4)
+        x = zero if bar["delta"] > 0 else zero - length
+        color = "#d64550" if bar["delta"] > 0 else "#3b7dd8"
+        y = index * row + 2
+        shapes.append(
+            f'<rect x="{x:.1f}" y="{y}" width="{length:.1f}" height="{row - 3}" fill="{color}">'
+            f"<title>feature {_escape(bar['feature'])}: Δ {bar['delta']:.4g}</title></rect>"
+        )
+        shapes.append(
+            f'<text x="{label_width - 4}" y="{y + row - 5}" text-anchor="end">'
+            f"{_escape(bar['feature'])}</text>"
+        )
+    return (
+        f'<svg class="aquin-bars" width="{width}" height="{height}" '
+        f'xmlns="http://www.w3.org/2000/svg" role="img">{"".join(shapes)}</svg>'
+    )
+
+
+def render_spec_html(spec: dict[str, Any]) -> str:
+    kind = {"sae_diff": "sae diff"}.get(spec["kind"], spec["kind"])
+    parts = [
+        f"<style>{_css()}</style>",
+        f'<div class="aquin-card" data-kind="{_escape(spec["kind"])}">',
+        f'<h3><span class="aquin-kind">{_escape(kind)}</span>{_escape(spec["title"])}</h3>',
+        _chips(spec),
+    ]
+    if spec.get("warning"):
+        parts.append(f'<div class="aquin-chip aquin-warn">{_escape(spec["warning"])}</div>')
+    if spec.get("bars"):
+        parts.append('<div class="aquin-section"><h4>Top ±Δ features</h4>')
+        parts.append(diverging_bars_svg(spec["bars"]) + "</div>")
+    if spec.get("table"):
+        parts.append('<div class="aquin-section"><h4>Features by |Δ|</h4>')
+        parts.append(_table(spec["table"]) + "</div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def report_page(title: str, cards: list[str]) -> str:
+    body = "\n".join(f'<div style="margin: 16px 0">{card}</div>' for card in cards)
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{_escape(title)}</title>'
+        f"</head><body>{body}</body></html>\n"
+    )

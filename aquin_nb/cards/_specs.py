@@ -1,0 +1,78 @@
+"""Card specs: what a card shows, as plain JSON types, shared by every renderer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+TABLE_ROWS = 25
+BAR_FEATURES = 10
+
+
+def _records(frame: Any, columns: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for record in frame[columns].to_dict("records"):
+        rows.append(
+            {
+                key: (value.item() if hasattr(value, "item") else value)
+                for key, value in record.items()
+            }
+        )
+    return rows
+
+
+def sae_diff_spec(diff: Any) -> dict[str, Any]:
+    s = diff.summary
+    fit = s["fit"]
+    chips = [
+        {"label": "model", "value": s["model"]},
+        {"label": "checkpoint", "value": s["name"]},
+        {"label": "hook", "value": s["hook"]},
+        {"label": "prompts", "value": s["n_prompts"]},
+        {"label": "tokens", "value": s["n_tokens"]},
+        {"label": "changed", "value": f"{s['n_changed']} / {s['n_features']}"},
+        {"label": "mean |Δ|", "value": f"{s['mean_abs_delta']:.4g}"},
+        {"label": "max |Δ|", "value": f"{s['max_abs_delta']:.4g}"},
+        {
+            "label": "fit base",
+            "value": f"EV {fit['base']['explained_variance']:.3f} · L0 {fit['base']['l0']:.1f}",
+        },
+        {
+            "label": "fit checkpoint",
+            "value": f"EV {fit['checkpoint']['explained_variance']:.3f} · "
+            f"L0 {fit['checkpoint']['l0']:.1f}",
+            "warn": bool(fit.get("warning")),
+        },
+    ]
+    frame = diff.features
+    columns = [
+        "feature",
+        "base",
+        "checkpoint",
+        "delta",
+        "base_freq",
+        "checkpoint_freq",
+        "q_value",
+        "changed",
+    ]
+    rising = frame[frame["delta"] > 0].nlargest(BAR_FEATURES, "delta")
+    falling = frame[frame["delta"] < 0].nsmallest(BAR_FEATURES, "delta")
+    bars = _records(rising, ["feature", "delta"]) + _records(falling, ["feature", "delta"])
+    return {
+        "kind": "sae_diff",
+        "title": f"{s['model']} vs {s['name']}",
+        "chips": chips,
+        "warning": fit.get("warning"),
+        "bars": sorted(bars, key=lambda bar: -bar["delta"]),
+        "table": {"columns": columns, "rows": _records(frame.head(TABLE_ROWS), columns)},
+    }
+
+
+SPECS: dict[str, Callable[[Any], dict[str, Any]]] = {"sae_diff": sae_diff_spec}
+
+
+def card_spec(result: Any, kind: str) -> dict[str, Any]:
+    """The JSON card spec of ``result`` (``kind`` as in its JSON, e.g. ``"sae_diff"``)."""
+    if kind not in SPECS:
+        raise KeyError(f"no card spec for {kind!r}; known: {sorted(SPECS)}")
+    return SPECS[kind](result)
