@@ -20,22 +20,27 @@ __version__ = "0.1.0"
 __all__ = [
     "AquinError",
     "Run",
+    "SaeAlign",
     "SaeDiff",
     "__version__",
     "load_model",
     "load_sae",
+    "sae_align",
     "sae_diff",
 ]
 
 _LAZY = {
     "Run": "aquin_nb.run",
+    "SaeAlign": "aquin_nb.align",
     "SaeDiff": "aquin_nb.diff",
     "load_model": "aquin_nb.models",
     "load_sae": "aquin_nb.saes",
+    "sae_align": "aquin_nb.align",
     "sae_diff": "aquin_nb.diff",
 }
 
 if TYPE_CHECKING:
+    from .align import SaeAlign, sae_align
     from .diff import SaeDiff, sae_diff
     from .models import load_model
     from .run import Run

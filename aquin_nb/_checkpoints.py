@@ -8,7 +8,8 @@ against the base model's own names, and every mismatch names the tensor.
 
 from __future__ import annotations
 
-import pickle
+import pickletools
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -60,18 +61,65 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for unreadable bytes
-        message = str(error).strip()
-        if isinstance(error, pickle.UnpicklingError) and "weights only" in message.lower():
-            detail = next((line.strip() for line in message.splitlines() if "GLOBAL" in line), "")
+        unsafe = _unsafe_import(path)
+        if unsafe is not None:
             raise AquinError(
-                f"refused to load checkpoint {path}: it holds pickled objects that are not "
-                f"plain tensors, and aquin_nb never runs code from a checkpoint "
-                f"(weights_only=True). {detail}".rstrip()
+                f"refused to load checkpoint {path}: it would import {unsafe}, and aquin_nb "
+                f"never runs code from a checkpoint (weights_only=True)"
             ) from None
-        first_line = message.splitlines()[0] if message else type(error).__name__
+        message = str(error).strip()
+        detail = next(
+            (line.strip() for line in message.splitlines() if "Unsupported" in line),
+            message.splitlines()[0] if message else type(error).__name__,
+        )
         raise AquinError(
-            f"cannot read checkpoint {path}: the file is truncated or corrupt ({first_line})"
+            f"cannot read checkpoint {path}: the file is truncated or corrupt ({detail})"
         ) from None
+
+
+# What torch's weights-only unpickler allows; anything else in a pickle is code.
+_SAFE_IMPORT_PREFIXES = (
+    "torch.",
+    "collections.OrderedDict",
+    "builtins.set",
+    "builtins.frozenset",
+    "builtins.bytearray",
+    "_codecs.encode",
+    "numpy.",
+)
+
+
+def _unsafe_import(path: Path) -> str | None:
+    """The first non-tensor import a pickle (plain or inside torch's zip) asks for, if any.
+
+    Reads opcodes with pickletools, which never executes anything.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [name for name in archive.namelist() if name.endswith(".pkl")]
+                streams = [archive.read(name) for name in names]
+        else:
+            streams = [path.read_bytes()]
+    except (OSError, zipfile.BadZipFile):
+        return None
+    for data in streams:
+        strings: list[str] = []
+        try:
+            for opcode, argument, _ in pickletools.genops(data):
+                if opcode.name in ("GLOBAL", "INST") and isinstance(argument, str):
+                    name = argument.replace(" ", ".")
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    name = f"{strings[-2]}.{strings[-1]}"
+                else:
+                    if isinstance(argument, str):
+                        strings.append(argument)
+                    continue
+                if not name.startswith(_SAFE_IMPORT_PREFIXES):
+                    return name
+        except Exception:  # a truncated or garbled opcode stream: corrupt, not malicious
+            continue
+    return None
 
 
 def _unwrap_payload(payload: Any, path: Path) -> tuple[dict[str, torch.Tensor], int | None]:

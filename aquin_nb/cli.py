@@ -105,6 +105,41 @@ def _cmd_sae_diff(args: argparse.Namespace) -> None:
         say(f"\nwrote {diff.to_json(args.output)}")
 
 
+def _format_align(align: Any, k: int) -> str:
+    s = align.summary
+    proof = "optimal (proven)" if s["optimal"] else f"not proven optimal, gap <= {s['gap']:.4g}"
+    lines = [
+        f"[sae align] {s['sae_a']} ({s['n_a']} features) vs {s['sae_b']} ({s['n_b']} features)",
+        f"  matched {s['n_matched']}, mean cosine {s['mean_cosine']:.4f}, median "
+        f"{s['median_cosine']:.4f}, unrelated baseline {s['baseline_mean_cosine']:.4f}",
+        f"  above 0.5/0.7/0.9: {s['frac_above_0.5']:.1%} / {s['frac_above_0.7']:.1%} / "
+        f"{s['frac_above_0.9']:.1%}; method {s['method']}, {proof}",
+        "",
+        "strongest pairs:",
+        align.strongest(k).to_string(index=False, float_format=lambda v: f"{v:.4f}"),
+        "",
+        "weakest pairs:",
+        align.weakest(k).to_string(index=False, float_format=lambda v: f"{v:.4f}"),
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_sae_align(args: argparse.Namespace) -> None:
+    from .align import sae_align
+
+    align = sae_align(
+        args.sae_a,
+        args.sae_b,
+        args.max_features,
+        method=args.method,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    say(_format_align(align, args.top))
+    if args.output:
+        say(f"\nwrote {align.to_json(args.output)}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     _quiet_library_loaders()
     from .demo.run import run_demo
@@ -140,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull_sae.add_argument("--layer", type=int, help="layer (default: the catalog's)")
     pull_sae.set_defaults(run=_cmd_pull_sae)
 
-    sae = commands.add_parser("sae", help="SAE verbs: diff")
+    sae = commands.add_parser("sae", help="SAE verbs: diff, align")
     sae_verbs = sae.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     diff = sae_verbs.add_parser(
         "diff", help="per-feature activation deltas between a base model and a checkpoint"
@@ -174,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     diff.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     diff.set_defaults(run=_cmd_sae_diff)
+
+    align = sae_verbs.add_parser("align", help="Hungarian matching of two SAEs' decoder directions")
+    align.add_argument("--sae-a", required=True, help="SAE A: directory, .pt, RELEASE:ID or slug")
+    align.add_argument("--sae-b", required=True, help="SAE B: directory, .pt, RELEASE:ID or slug")
+    align.add_argument(
+        "--max-features", type=int, help="align at most N features per side (chosen by gain)"
+    )
+    align.add_argument("--method", choices=["auto", "dense", "sparse"], default="auto")
+    align.add_argument("--force", action="store_true", help="align SAEs of different hooks")
+    align.add_argument("--output", help="write the full pair map as JSON here")
+    align.add_argument("--top", type=int, default=10, help="pairs shown at each end")
+    align.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    align.set_defaults(run=_cmd_sae_align)
 
     demo = commands.add_parser(
         "demo", help="fine-tune the embedded model with LoRA and diff it (offline)"

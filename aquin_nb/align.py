@@ -1,0 +1,275 @@
+"""``sae_align``: one-to-one matching of two SAEs' decoder directions.
+
+Example:
+    >>> import aquin_nb
+    >>> align = aquin_nb.sae_align("tiny-gpt2", "runs/temp_sae")  # doctest: +SKIP
+    >>> align.summary["mean_cosine"], align.weakest(5)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from ._assignment import Assignment, dense_assignment, sparse_assignment
+from ._errors import AquinError
+from ._results import mimebundle, read_result, write_result
+from .saes import load_sae
+
+logger = logging.getLogger(__name__)
+
+PAIR_COLUMNS = ("a", "b", "cosine", "rank", "encoder_cosine")
+UNMATCHED_COLUMNS = ("side", "feature")
+# Dense SciPy needs 8 bytes per cell; 4096 x 4096 is 134 MB and about a second.
+DENSE_MAX_CELLS = 4096 * 4096
+BASELINE_SIDE = 4096
+BASELINE_SEED = 1234
+
+
+@dataclass(frozen=True, eq=False)
+class SaeAlign:
+    """The matching of SAE A's features to SAE B's.
+
+    ``summary``: ``n_a``, ``n_b`` (features aligned on each side), ``n_matched``,
+    ``mean_cosine``, ``median_cosine``, ``frac_above_0.5``/``0.7``/``0.9``,
+    ``method`` (``dense`` or ``sparse``), ``optimal`` (proven), ``gap`` (an upper
+    bound on the optimal total cosine minus ours; 0 when optimal),
+    ``baseline_mean_cosine`` (an unrelated random dictionary of B's shape aligned
+    to A the same way) with ``baseline_method``, ``selection``, ``hook_a``,
+    ``hook_b``, ``d_in``, ``sae_a``, ``sae_b``, ``tool_version``.
+
+    ``pairs``: one row per matched pair, sorted by cosine descending: ``a``, ``b``
+    (feature indices in each SAE), ``cosine`` (of the unit decoder rows), ``rank``
+    (1 = strongest) and ``encoder_cosine`` (of the two encoder columns).
+    ``unmatched``: the wider side's features left without a partner (``side``,
+    ``feature``).
+    """
+
+    summary: dict[str, Any]
+    pairs: pd.DataFrame
+    unmatched: pd.DataFrame
+
+    def strongest(self, k: int = 10) -> pd.DataFrame:
+        return self.pairs.head(k).reset_index(drop=True)
+
+    def weakest(self, k: int = 10) -> pd.DataFrame:
+        return self.pairs.tail(k).iloc[::-1].reset_index(drop=True)
+
+    def to_json(self, path: str | Path) -> Path:
+        return write_result(
+            path, "sae_align", self.summary, pairs=self.pairs, unmatched=self.unmatched
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> SaeAlign:
+        payload = read_result(path, "sae_align")
+        return cls(
+            summary=payload["summary"],
+            pairs=pd.DataFrame(payload["pairs"], columns=list(PAIR_COLUMNS)),
+            unmatched=pd.DataFrame(payload["unmatched"], columns=list(UNMATCHED_COLUMNS)),
+        )
+
+    def __repr__(self) -> str:
+        s = self.summary
+        proof = "optimal" if s["optimal"] else f"gap <= {s['gap']:.3g}"
+        return (
+            f"SaeAlign({s['n_matched']} pairs of {s['n_a']} x {s['n_b']}: mean cosine "
+            f"{s['mean_cosine']:.3f} (unrelated baseline {s['baseline_mean_cosine']:.3f}), "
+            f"{s['method']}, {proof})"
+        )
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return mimebundle(self, "sae_align")
+
+
+def select_features(sae: Any, max_features: int | None, frequencies: Any = None) -> np.ndarray:
+    """Which features to align when ``max_features`` caps them.
+
+    By firing frequency when ``frequencies`` is given (the most frequent first),
+    otherwise by the feature's gain ``||W_dec[i]|| * ||W_enc[:, i]||`` (the most
+    strongly read-and-written first; for unit-norm decoders, the encoder norm).
+    Dead features (zero decoder rows) go last either way. Returns sorted indices.
+    """
+    n = int(sae.W_dec.shape[0])
+    if max_features is None or max_features >= n:
+        return np.arange(n)
+    if max_features < 1:
+        raise AquinError(f"max_features must be at least 1, got {max_features}")
+    if frequencies is not None:
+        score = np.asarray(frequencies, dtype=np.float64)
+        if score.shape != (n,):
+            raise AquinError(f"frequencies has shape {score.shape}, expected ({n},)")
+    else:
+        with torch.no_grad():
+            score = (sae.W_dec.norm(dim=1) * sae.W_enc.norm(dim=0)).double().cpu().numpy()
+    chosen = np.argsort(-score, kind="stable")[:max_features]
+    return np.sort(chosen)
+
+
+def _hook(sae: Any) -> str | None:
+    metadata = getattr(getattr(sae, "cfg", None), "metadata", None)
+    return getattr(metadata, "hook_name", None) if metadata is not None else None
+
+
+def _unit_rows(matrix: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(matrix.detach().float().cpu(), dim=1)
+
+
+def match(
+    a: torch.Tensor, b: torch.Tensor, method: str = "auto", *, progress: bool = True
+) -> Assignment:
+    """Max-total-cosine matching of unit rows ``a`` to ``b`` (either may be wider)."""
+    if method not in ("auto", "dense", "sparse"):
+        raise AquinError(f"method must be auto, dense or sparse, got {method!r}")
+    transpose = len(a) > len(b)
+    rows, cols = (b, a) if transpose else (a, b)
+    if method == "dense" or (method == "auto" and len(rows) * len(cols) <= DENSE_MAX_CELLS):
+        result = dense_assignment(rows, cols)
+    else:
+        result = sparse_assignment(rows, cols, progress=progress)
+    if transpose:
+        order = np.argsort(result.cols)
+        result = Assignment(
+            result.cols[order],
+            result.rows[order],
+            result.cosine[order],
+            result.method,
+            result.optimal,
+            result.gap,
+            result.rounds,
+        )
+    return result
+
+
+def _baseline(n_a: int, n_b: int, d: int) -> tuple[float, str]:
+    """Mean matched cosine of two unrelated random dictionaries of these shapes.
+
+    Exact (same solver) up to 4096 x 4096; beyond, fitted as ``alpha + beta *
+    sqrt(ln n)`` (the extreme-value growth of random cosines) on two smaller
+    shapes with the same aspect ratio, then evaluated at the real size.
+    """
+    generator = torch.Generator().manual_seed(BASELINE_SEED)
+
+    def score(rows: int, cols: int) -> float:
+        left = _unit_rows(torch.randn(rows, d, generator=generator))
+        right = _unit_rows(torch.randn(cols, d, generator=generator))
+        return float(match(left, right, method="dense", progress=False).cosine.mean())
+
+    if n_a * n_b <= DENSE_MAX_CELLS:
+        return score(n_a, n_b), "exact"
+    sizes = []
+    for side in (BASELINE_SIDE // 2, BASELINE_SIDE):
+        scale = side / max(n_a, n_b)
+        sizes.append((max(1, round(n_a * scale)), max(1, round(n_b * scale))))
+    values = [score(rows, cols) for rows, cols in sizes]
+    x = [math.sqrt(math.log(max(rows, cols))) for rows, cols in sizes]
+    beta = (values[1] - values[0]) / (x[1] - x[0])
+    estimate = values[1] + beta * (math.sqrt(math.log(max(n_a, n_b))) - x[1])
+    return estimate, f"extrapolated from {sizes[0]} and {sizes[1]}"
+
+
+def sae_align(
+    sae_a: Any,
+    sae_b: Any,
+    max_features: int | None = None,
+    *,
+    method: str = "auto",
+    force: bool = False,
+    frequencies: tuple[Any, Any] | None = None,
+    progress: bool = True,
+) -> SaeAlign:
+    """Match SAE A's decoder directions one-to-one to SAE B's, maximising total cosine.
+
+    Args:
+        sae_a, sae_b: anything `load_sae` takes (slug, ``RELEASE:SAE_ID``, SAELens
+            directory, ``.pt`` ``{cfg, state_dict}``) or SAE objects.
+        max_features: align at most this many features per side, chosen by
+            `select_features` (frequency when ``frequencies`` is given, else gain).
+        method: ``auto`` (dense SciPy up to 4096 x 4096 cells, sparse beyond),
+            ``dense`` or ``sparse``.
+        force: align SAEs trained on different hooks.
+
+    Example:
+        >>> align = sae_align("tiny-gpt2", "temp_sae/sae_layer2.pt")  # doctest: +SKIP
+        >>> align.strongest(3)  # doctest: +SKIP
+    """
+    first, second = load_sae(sae_a), load_sae(sae_b)
+    d_a, d_b = int(first.W_dec.shape[1]), int(second.W_dec.shape[1])
+    if d_a != d_b:
+        raise AquinError(f"the SAEs read different widths: d_in {d_a} (A) vs {d_b} (B)")
+    hook_a, hook_b = _hook(first), _hook(second)
+    if hook_a and hook_b and hook_a != hook_b and not force:
+        raise AquinError(
+            f"the SAEs were trained on different hooks: {hook_a} (A) vs {hook_b} (B); "
+            f"pass force=True (--force) to align them anyway"
+        )
+    freq_a, freq_b = frequencies if frequencies is not None else (None, None)
+    chosen_a = select_features(first, max_features, freq_a)
+    chosen_b = select_features(second, max_features, freq_b)
+    dec_a = _unit_rows(first.W_dec[torch.as_tensor(chosen_a)])
+    dec_b = _unit_rows(second.W_dec[torch.as_tensor(chosen_b)])
+    result = match(dec_a, dec_b, method, progress=progress)
+
+    enc_a = _unit_rows(first.W_enc.T[torch.as_tensor(chosen_a[result.rows])])
+    enc_b = _unit_rows(second.W_enc.T[torch.as_tensor(chosen_b[result.cols])])
+    encoder_cosine = (enc_a * enc_b).sum(1).double().numpy()
+    pairs = pd.DataFrame(
+        {
+            "a": chosen_a[result.rows],
+            "b": chosen_b[result.cols],
+            "cosine": result.cosine,
+            "encoder_cosine": encoder_cosine,
+        }
+    )
+    pairs = pairs.sort_values(["cosine", "a"], ascending=[False, True], kind="stable")
+    pairs = pairs.reset_index(drop=True)
+    pairs["rank"] = np.arange(1, len(pairs) + 1)
+    pairs = pairs[list(PAIR_COLUMNS)]
+    unmatched = pd.DataFrame(
+        {
+            "side": ["a"] * (len(chosen_a) - len(result.rows))
+            + ["b"] * (len(chosen_b) - len(result.cols)),
+            "feature": np.concatenate(
+                [
+                    np.setdiff1d(chosen_a, chosen_a[result.rows]),
+                    np.setdiff1d(chosen_b, chosen_b[result.cols]),
+                ]
+            ).astype(np.int64),
+        },
+        columns=list(UNMATCHED_COLUMNS),
+    )
+    baseline, baseline_method = _baseline(len(chosen_a), len(chosen_b), d_a)
+    cos = result.cosine
+    summary = {
+        "n_a": len(chosen_a),
+        "n_b": len(chosen_b),
+        "n_matched": len(cos),
+        "mean_cosine": float(cos.mean()),
+        "median_cosine": float(np.median(cos)),
+        "frac_above_0.5": float((cos > 0.5).mean()),
+        "frac_above_0.7": float((cos > 0.7).mean()),
+        "frac_above_0.9": float((cos > 0.9).mean()),
+        "method": result.method,
+        "optimal": bool(result.optimal),
+        "gap": None if result.gap is None else float(result.gap),
+        "baseline_mean_cosine": baseline,
+        "baseline_method": baseline_method,
+        "selection": "all"
+        if max_features is None
+        else ("frequency" if frequencies is not None else "gain (decoder norm x encoder norm)"),
+        "hook_a": hook_a,
+        "hook_b": hook_b,
+        "d_in": d_a,
+        "sae_a": str(sae_a) if isinstance(sae_a, (str, Path)) else type(sae_a).__name__,
+        "sae_b": str(sae_b) if isinstance(sae_b, (str, Path)) else type(sae_b).__name__,
+        "tool_version": __version__,
+    }
+    return SaeAlign(summary=summary, pairs=pairs, unmatched=unmatched)

@@ -1,0 +1,182 @@
+"""sae_align: known permutations recovered, sparse equals dense, selection, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aquin_nb import AquinError, SaeAlign, sae_align
+from aquin_nb.align import match, select_features
+from aquin_nb.saes import sae_from_cfg_and_state
+
+HOOK = "blocks.2.hook_resid_pre"
+
+
+def make_sae(decoder: torch.Tensor, encoder: torch.Tensor | None = None, hook: str = HOOK):
+    d_sae, d_in = decoder.shape
+    encoder = decoder.T.clone() if encoder is None else encoder
+    cfg = {
+        "architecture": "standard",
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "metadata": {"hook_name": hook},
+    }
+    state = {
+        "W_dec": decoder.clone(),
+        "W_enc": encoder.clone(),
+        "b_enc": torch.zeros(d_sae),
+        "b_dec": torch.zeros(d_in),
+    }
+    return sae_from_cfg_and_state(cfg, state, source="test")
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def noisy_permutation(n_a: int, n_b: int, d: int, noise: float, seed: int):
+    """B is A's rows permuted plus noise; when n_b > n_a the extra rows are unrelated."""
+    generator = torch.Generator().manual_seed(seed)
+    a = unit(torch.randn(n_a, d, generator=generator))
+    perm = torch.randperm(n_b, generator=generator)
+    b = unit(torch.randn(n_b, d, generator=generator))
+    b[perm[:n_a]] = unit(a + noise * torch.randn(n_a, d, generator=generator) / d**0.5)
+    return a, b, perm[:n_a].numpy()
+
+
+@pytest.mark.parametrize("n_a,n_b", [(300, 300), (200, 260), (260, 200)])
+def test_known_permutation_is_recovered(n_a, n_b):
+    if n_a <= n_b:
+        a, b, perm = noisy_permutation(n_a, n_b, 64, 0.3, seed=1)
+        expected = dict(enumerate(perm))
+    else:
+        b, a, perm = noisy_permutation(n_b, n_a, 64, 0.3, seed=1)
+        expected = {int(row): col for col, row in enumerate(perm)}
+    align = sae_align(make_sae(a), make_sae(b), progress=False)
+    found = dict(zip(align.pairs["a"], align.pairs["b"], strict=True))
+    assert found == expected
+    assert align.summary["n_matched"] == min(n_a, n_b)
+    assert len(align.unmatched) == abs(n_a - n_b)
+    assert align.summary["optimal"] and align.summary["method"] == "dense"
+
+
+def test_sparse_path_recovers_a_permutation_with_unrelated_rows():
+    a, b, perm = noisy_permutation(400, 400, 48, 0.5, seed=2)
+    unrelated = np.arange(0, 400, 5)  # a fifth of B's partners replaced by noise
+    b[perm[unrelated]] = unit(
+        torch.randn(len(unrelated), 48, generator=torch.Generator().manual_seed(9))
+    )
+    sparse = match(a, b, "sparse", progress=False)
+    dense = match(a, b, "dense", progress=False)
+    assert sparse.optimal and sparse.gap == 0.0
+    assert sparse.cosine.sum() == pytest.approx(dense.cosine.sum(), rel=1e-9)
+    related = np.setdiff1d(np.arange(400), unrelated)
+    assert (sparse.cols[related] == perm[related]).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(min_value=5, max_value=160),
+    d=st.integers(min_value=4, max_value=48),
+    structured=st.booleans(),
+    seed=st.integers(min_value=0, max_value=10_000),
+)
+def test_sparse_equals_dense_on_square_problems(n, d, structured, seed):
+    if structured:
+        a, b, _ = noisy_permutation(n, n, d, 0.8, seed)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        a, b = (
+            unit(torch.randn(n, d, generator=generator)),
+            unit(torch.randn(n, d, generator=generator)),
+        )
+    sparse = match(a, b, "sparse", progress=False)
+    dense = match(a, b, "dense", progress=False)
+    assert sparse.optimal
+    assert sparse.cosine.sum() == pytest.approx(dense.cosine.sum(), rel=1e-7, abs=1e-7)
+    assert sorted(sparse.cols.tolist()) == list(range(n))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n_a=st.integers(min_value=5, max_value=120),
+    extra=st.integers(min_value=1, max_value=60),
+    seed=st.integers(min_value=0, max_value=10_000),
+)
+def test_rectangular_sparse_gap_bound_holds(n_a, extra, seed):
+    a, b, _ = noisy_permutation(n_a, n_a + extra, 16, 1.0, seed)
+    sparse = match(a, b, "sparse", progress=False)
+    dense = match(a, b, "dense", progress=False)
+    shortfall = dense.cosine.sum() - sparse.cosine.sum()
+    assert shortfall >= -1e-7
+    assert sparse.gap is not None and sparse.gap >= shortfall - 1e-6
+    assert len(set(sparse.cols.tolist())) == n_a
+
+
+def test_max_features_by_gain_and_by_frequency():
+    decoder = unit(torch.randn(10, 8, generator=torch.Generator().manual_seed(0)))
+    encoder = decoder.T.clone() * torch.arange(1, 11, dtype=torch.float32)  # gain grows with i
+    sae = make_sae(decoder, encoder)
+    assert select_features(sae, 3).tolist() == [7, 8, 9]
+    frequencies = np.array([0.9, 0.1, 0.8, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.7])
+    assert select_features(sae, 3, frequencies).tolist() == [0, 2, 9]
+    align = sae_align(sae, sae, max_features=3, progress=False)
+    assert sorted(align.pairs["a"].tolist()) == [7, 8, 9]
+    assert align.summary["n_a"] == 3 and "gain" in align.summary["selection"]
+
+
+def test_summary_baseline_and_round_trip(tmp_path):
+    a, b, _ = noisy_permutation(256, 256, 32, 0.4, seed=3)
+    align = sae_align(make_sae(a), make_sae(b), progress=False)
+    s = align.summary
+    assert s["mean_cosine"] > 0.8 > s["baseline_mean_cosine"] + 0.3
+    assert s["frac_above_0.5"] >= s["frac_above_0.7"] >= s["frac_above_0.9"]
+    assert align.strongest(1)["cosine"][0] == align.pairs["cosine"].max()
+    assert align.weakest(1)["cosine"][0] == align.pairs["cosine"].min()
+    assert (align.pairs["rank"] == np.arange(1, 257)).all()
+    assert align.pairs["encoder_cosine"].mean() > 0.8  # encoders are the decoders here
+    again = SaeAlign.from_json(align.to_json(tmp_path / "align.json"))
+    assert again.summary == s
+    assert again.pairs.equals(align.pairs)
+
+
+def test_unrelated_dictionaries_score_at_their_baseline():
+    generator = torch.Generator().manual_seed(5)
+    a, b = (
+        unit(torch.randn(200, 32, generator=generator)),
+        unit(torch.randn(200, 32, generator=generator)),
+    )
+    s = sae_align(make_sae(a), make_sae(b), progress=False).summary
+    assert s["mean_cosine"] == pytest.approx(s["baseline_mean_cosine"], abs=0.03)
+
+
+def test_shape_mismatch_and_hooks_are_refused(tmp_path):
+    small = make_sae(unit(torch.randn(20, 16)))
+    wide = make_sae(unit(torch.randn(20, 32)))
+    with pytest.raises(AquinError, match=r"d_in 16 \(A\) vs 32 \(B\)"):
+        sae_align(small, wide, progress=False)
+    other_hook = make_sae(unit(torch.randn(20, 16)), hook="blocks.3.hook_resid_pre")
+    with pytest.raises(AquinError, match="different hooks.*force"):
+        sae_align(small, other_hook, progress=False)
+    assert sae_align(small, other_hook, force=True, progress=False).summary["n_matched"] == 20
+
+
+def test_corrupt_sae_file_is_a_clear_error(tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a torch file at all")
+    with pytest.raises(AquinError, match=r"broken\.pt: the file is truncated or corrupt"):
+        sae_align(broken, broken, progress=False)
+    wrong = tmp_path / "wrong.pt"
+    cfg = {"architecture": "standard", "d_in": 4, "d_sae": 3}
+    state = {
+        "W_dec": torch.zeros(3, 5),
+        "W_enc": torch.zeros(4, 3),
+        "b_enc": torch.zeros(3),
+        "b_dec": torch.zeros(4),
+    }
+    torch.save({"cfg": cfg, "state_dict": state}, wrong)
+    with pytest.raises(AquinError, match=r"W_dec has shape \(3, 5\) in .*wrong\.pt .*\(3, 4\)"):
+        sae_align(wrong, wrong, progress=False)
