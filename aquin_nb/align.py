@@ -176,6 +176,38 @@ def _baseline(n_a: int, n_b: int, d: int) -> tuple[float, str]:
     return estimate, f"extrapolated from {sizes[0]} and {sizes[1]}"
 
 
+HEATMAP_PAIRS = 24
+
+
+def _heatmap_block(
+    pairs: pd.DataFrame,
+    chosen_a: np.ndarray,
+    chosen_b: np.ndarray,
+    dec_a: torch.Tensor,
+    dec_b: torch.Tensor,
+) -> dict[str, Any]:
+    """Cosines among the strongest pairs' decoders, rows and columns in matched order.
+
+    A good alignment shows as a bright diagonal.
+    """
+    top = pairs.head(HEATMAP_PAIRS)
+    position_a = {int(feature): i for i, feature in enumerate(chosen_a)}
+    position_b = {int(feature): i for i, feature in enumerate(chosen_b)}
+    rows = dec_a[torch.as_tensor([position_a[int(f)] for f in top["a"]], dtype=torch.long)]
+    cols = dec_b[torch.as_tensor([position_b[int(f)] for f in top["b"]], dtype=torch.long)]
+    block = (rows @ cols.T).double().numpy()
+    return {
+        "a": [int(f) for f in top["a"]],
+        "b": [int(f) for f in top["b"]],
+        "cosine": [[round(float(x), 4) for x in row] for row in block],
+    }
+
+
+def _histogram(cosine: np.ndarray, bins: int = 20) -> dict[str, Any]:
+    counts, edges = np.histogram(cosine, bins=bins, range=(-1.0, 1.0))
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
 def sae_align(
     sae_a: Any,
     sae_b: Any,
@@ -246,6 +278,7 @@ def sae_align(
         },
         columns=list(UNMATCHED_COLUMNS),
     )
+    heatmap = _heatmap_block(pairs, chosen_a, chosen_b, dec_a, dec_b)
     baseline, baseline_method = _baseline(len(chosen_a), len(chosen_b), d_a)
     cos = result.cosine
     summary = {
@@ -265,6 +298,8 @@ def sae_align(
         "selection": "all"
         if max_features is None
         else ("frequency" if frequencies is not None else "gain (decoder norm x encoder norm)"),
+        "heatmap": heatmap,
+        "histogram": _histogram(cos),
         "hook_a": hook_a,
         "hook_b": hook_b,
         "d_in": d_a,

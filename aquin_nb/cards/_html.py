@@ -53,11 +53,12 @@ def _table(table: dict[str, Any]) -> str:
         for column in table["columns"]:
             value = row[column]
             css = ""
-            if column == "delta":
+            if column == "delta" and isinstance(value, (int, float)):
                 css = ' class="aquin-pos"' if value > 0 else ' class="aquin-neg"'
             cells.append(f"<td{css}>{_number(value)}</td>")
-        feature = _escape(row.get("feature", ""))
-        rows.append(f'<tr data-feature="{feature}">{"".join(cells)}</tr>')
+        key = table.get("select")
+        attribute = f' data-feature="{_escape(row[key])}"' if key else ""
+        rows.append(f"<tr{attribute}>{''.join(cells)}</tr>")
     return (
         f'<table class="aquin-table"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table>"
@@ -92,8 +93,67 @@ def diverging_bars_svg(bars: list[dict[str, Any]], width: int = 460, row: int = 
     )
 
 
+def histogram_svg(section: dict[str, Any], width: int = 460, height: int = 120) -> str:
+    counts, edges = section["counts"], section["edges"]
+    peak = max(counts) or 1
+    bar_width = width / len(counts)
+    shapes = []
+    for index, count in enumerate(counts):
+        bar_height = count / peak * (height - 16)
+        shapes.append(
+            f'<rect x="{index * bar_width + 1:.1f}" y="{height - 14 - bar_height:.1f}" '
+            f'width="{bar_width - 2:.1f}" height="{bar_height:.1f}" fill="#5b8def">'
+            f"<title>[{edges[index]:.2f}, {edges[index + 1]:.2f}): {count}</title></rect>"
+        )
+    for value in (-1.0, 0.0, 1.0):
+        x = (value - edges[0]) / (edges[-1] - edges[0]) * width
+        shapes.append(f'<text x="{x:.1f}" y="{height - 2}" text-anchor="middle">{value:g}</text>')
+    if section.get("marker") is not None:
+        x = (section["marker"] - edges[0]) / (edges[-1] - edges[0]) * width
+        shapes.append(
+            f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{height - 14}" stroke="#b4232c" '
+            f'stroke-dasharray="3,2"><title>unrelated baseline {section["marker"]:.3f}</title>'
+            f"</line>"
+        )
+    return (
+        f'<svg class="aquin-bars aquin-histogram" width="{width}" height="{height}" '
+        f'xmlns="http://www.w3.org/2000/svg" role="img">{"".join(shapes)}</svg>'
+    )
+
+
+def heatmap_svg(section: dict[str, Any], cell: int = 14) -> str:
+    matrix = section["cosine"]
+    if not matrix:
+        return ""
+    size = cell * len(matrix)
+    shapes = []
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            shade = max(0.0, min(1.0, value))
+            color = f"rgb({int(255 - 200 * shade)},{int(255 - 150 * shade)},{255})"
+            shapes.append(
+                f'<rect x="{j * cell}" y="{i * cell}" width="{cell}" height="{cell}" '
+                f'fill="{color}"><title>a {_escape(section["a"][i])} · b '
+                f"{_escape(section['b'][j])}: {value:.3f}</title></rect>"
+            )
+    return (
+        f'<svg class="aquin-heatmap" width="{size}" height="{size}" '
+        f'xmlns="http://www.w3.org/2000/svg" role="img">{"".join(shapes)}</svg>'
+    )
+
+
+def _section(section: dict[str, Any]) -> str:
+    body = {
+        "bars": lambda: diverging_bars_svg(section["bars"]),
+        "table": lambda: _table(section),
+        "histogram": lambda: histogram_svg(section),
+        "heatmap": lambda: heatmap_svg(section),
+    }[section["type"]]()
+    return f'<div class="aquin-section"><h4>{_escape(section["title"])}</h4>{body}</div>'
+
+
 def render_spec_html(spec: dict[str, Any]) -> str:
-    kind = {"sae_diff": "sae diff"}.get(spec["kind"], spec["kind"])
+    kind = spec["kind"].replace("_", " ")
     parts = [
         f"<style>{_css()}</style>",
         f'<div class="aquin-card" data-kind="{_escape(spec["kind"])}">',
@@ -102,12 +162,7 @@ def render_spec_html(spec: dict[str, Any]) -> str:
     ]
     if spec.get("warning"):
         parts.append(f'<div class="aquin-chip aquin-warn">{_escape(spec["warning"])}</div>')
-    if spec.get("bars"):
-        parts.append('<div class="aquin-section"><h4>Top ±Δ features</h4>')
-        parts.append(diverging_bars_svg(spec["bars"]) + "</div>")
-    if spec.get("table"):
-        parts.append('<div class="aquin-section"><h4>Features by |Δ|</h4>')
-        parts.append(_table(spec["table"]) + "</div>")
+    parts.extend(_section(section) for section in spec["sections"])
     parts.append("</div>")
     return "".join(parts)
 

@@ -63,12 +63,69 @@ def sae_diff_spec(diff: Any) -> dict[str, Any]:
         "title": f"{s['model']} vs {s['name']}",
         "chips": chips,
         "warning": fit.get("warning"),
-        "bars": sorted(bars, key=lambda bar: -bar["delta"]),
-        "table": {"columns": columns, "rows": _records(frame.head(TABLE_ROWS), columns)},
+        "sections": [
+            {
+                "type": "bars",
+                "title": "Top ±Δ features",
+                "bars": sorted(bars, key=lambda bar: -bar["delta"]),
+            },
+            {
+                "type": "table",
+                "title": "Features by |Δ|",
+                "columns": columns,
+                "rows": _records(frame.head(TABLE_ROWS), columns),
+                "select": "feature",
+            },
+        ],
     }
 
 
-SPECS: dict[str, Callable[[Any], dict[str, Any]]] = {"sae_diff": sae_diff_spec}
+def sae_align_spec(align: Any) -> dict[str, Any]:
+    s = align.summary
+    proof = "optimal" if s["optimal"] else f"gap ≤ {s['gap']:.3g}"
+    chips = [
+        {"label": "pairs", "value": f"{s['n_matched']} of {s['n_a']} × {s['n_b']}"},
+        {"label": "mean cosine", "value": f"{s['mean_cosine']:.3f}"},
+        {"label": "median", "value": f"{s['median_cosine']:.3f}"},
+        {"label": "unrelated baseline", "value": f"{s['baseline_mean_cosine']:.3f}"},
+        {"label": "> 0.7", "value": f"{s['frac_above_0.7']:.1%}"},
+        {"label": "method", "value": s["method"]},
+        {"label": "proof", "value": proof, "warn": not s["optimal"]},
+    ]
+    columns = ["a", "b", "cosine", "encoder_cosine", "rank"]
+    return {
+        "kind": "sae_align",
+        "title": f"{s['sae_a']} ↔ {s['sae_b']}",
+        "chips": chips,
+        "warning": None,
+        "sections": [
+            {
+                "type": "histogram",
+                "title": "Matched cosines",
+                **s["histogram"],
+                "marker": s["baseline_mean_cosine"],
+            },
+            {"type": "heatmap", "title": "Strongest pairs, in matched order", **s["heatmap"]},
+            {
+                "type": "table",
+                "title": "Strongest pairs",
+                "columns": columns,
+                "rows": _records(align.strongest(TABLE_ROWS // 2), columns),
+            },
+            {
+                "type": "table",
+                "title": "Weakest pairs",
+                "columns": columns,
+                "rows": _records(align.weakest(TABLE_ROWS // 2), columns),
+            },
+        ],
+    }
+
+
+SPECS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "sae_diff": sae_diff_spec,
+    "sae_align": sae_align_spec,
+}
 
 
 def card_spec(result: Any, kind: str) -> dict[str, Any]:

@@ -180,3 +180,54 @@ def test_corrupt_sae_file_is_a_clear_error(tmp_path):
     torch.save({"cfg": cfg, "state_dict": state}, wrong)
     with pytest.raises(AquinError, match=r"W_dec has shape \(3, 5\) in .*wrong\.pt .*\(3, 4\)"):
         sae_align(wrong, wrong, progress=False)
+
+
+def test_card_heatmap_is_the_matched_block_and_numbers_match():
+    from aquin_nb.cards import card_spec, render_html
+
+    a, b, _ = noisy_permutation(64, 64, 32, 0.3, seed=4)
+    align = sae_align(make_sae(a), make_sae(b), progress=False)
+    heatmap = align.summary["heatmap"]
+    diagonal = [heatmap["cosine"][i][i] for i in range(len(heatmap["a"]))]
+    strongest = align.strongest(len(diagonal))
+    np.testing.assert_allclose(diagonal, strongest["cosine"], atol=1e-4)
+    assert heatmap["a"] == strongest["a"].tolist()
+    assert sum(align.summary["histogram"]["counts"]) == 64
+    spec = card_spec(align, "sae_align")
+    chips = {chip["label"]: chip["value"] for chip in spec["chips"]}
+    assert chips["mean cosine"] == f"{align.summary['mean_cosine']:.3f}"
+    page = render_html(align, "sae_align")
+    assert page.count("<rect") >= 64 and 'data-kind="sae_align"' in page
+
+
+def test_cli_sae_align_prints_pairs_and_writes_json(tmp_path, capsys):
+    from aquin_nb.cli import main
+
+    a, b, perm = noisy_permutation(50, 50, 16, 0.2, seed=6)
+    for name, matrix in (("a", a), ("b", b)):
+        sae = make_sae(matrix)
+        torch.save(
+            {"cfg": sae.cfg.to_dict(), "state_dict": sae.state_dict()}, tmp_path / f"{name}.pt"
+        )
+    output = tmp_path / "pairs.json"
+    code = main(
+        [
+            "sae",
+            "align",
+            "--sae-a",
+            str(tmp_path / "a.pt"),
+            "--sae-b",
+            str(tmp_path / "b.pt"),
+            "--output",
+            str(output),
+            "-q",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "mean cosine" in out and "weakest pairs" in out
+    payload = SaeAlign.from_json(output)
+    assert dict(zip(payload.pairs["a"], payload.pairs["b"], strict=True)) == dict(enumerate(perm))
+    missing = main(
+        ["sae", "align", "--sae-a", str(tmp_path / "nope.pt"), "--sae-b", str(tmp_path / "b.pt")]
+    )
+    assert missing == 2 and "nope.pt does not exist" in capsys.readouterr().err

@@ -58,10 +58,10 @@ def test_spec_numbers_equal_the_result():
     chips = {chip["label"]: chip["value"] for chip in spec["chips"]}
     assert chips["changed"] == "2 / 4" and chips["max |Δ|"] == "0.5"
     assert chips["prompts"] == 5 and chips["tokens"] == 40
-    rows = spec["table"]["rows"]
+    rows = spec["sections"][1]["rows"]
     assert [row["feature"] for row in rows] == [7, 3, 11, 0]
     assert rows[1]["delta"] == -0.4 and rows[0]["checkpoint"] == 0.6
-    assert [bar["feature"] for bar in spec["bars"]] == [7, 11, 3]
+    assert [bar["feature"] for bar in spec["sections"][0]["bars"]] == [7, 11, 3]
     assert spec["warning"].startswith("the SAE explains")
 
 
