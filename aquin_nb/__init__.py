@@ -19,17 +19,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AquinError",
+    "Capture",
     "Run",
     "SaeAlign",
     "SaeDiff",
+    "TrainedSae",
     "__version__",
+    "capture_activations",
     "load_model",
     "load_sae",
     "sae_align",
     "sae_diff",
+    "sae_train",
 ]
 
 _LAZY = {
+    "Capture": "aquin_nb.capture",
+    "TrainedSae": "aquin_nb.train",
+    "capture_activations": "aquin_nb.capture",
+    "sae_train": "aquin_nb.train",
     "Run": "aquin_nb.run",
     "SaeAlign": "aquin_nb.align",
     "SaeDiff": "aquin_nb.diff",
@@ -41,10 +49,12 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .align import SaeAlign, sae_align
+    from .capture import Capture, capture_activations
     from .diff import SaeDiff, sae_diff
     from .models import load_model
     from .run import Run
     from .saes import load_sae
+    from .train import TrainedSae, sae_train
 
 
 def __getattr__(name: str) -> Any:

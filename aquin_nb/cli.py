@@ -140,6 +140,85 @@ def _cmd_sae_align(args: argparse.Namespace) -> None:
         say(f"\nwrote {align.to_json(args.output)}")
 
 
+def _cmd_capture(args: argparse.Namespace) -> None:
+    _quiet_library_loaders()
+    from .capture import capture_activations
+
+    capture = capture_activations(
+        args.model,
+        args.checkpoint,
+        args.prompts,
+        output=args.output,
+        layers=args.layers,
+        position=args.position,
+        count=args.count,
+        encode_sae=args.encode_sae,
+        sae=args.sae,
+        sae_layer=args.sae_layer,
+        name=args.name,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    if args.output_json:
+        import json
+
+        say(json.dumps({"directory": str(capture.directory), **capture.summary}, indent=2))
+    else:
+        say(f"[capture] {capture!r}")
+        say(f"wrote {capture.directory / 'manifest.json'}")
+
+
+def _format_trained(trained: Any, k: int) -> str:
+    s = trained.summary
+    rows = [("trained", s["metrics"]["trained"])]
+    if s["metrics"]["public"] is not None:
+        rows.append(("public", s["metrics"]["public"]))
+    lines = [
+        f"[sae train] {s['model']} layer {s['layer']} ({s['hook']}), {s['architecture']} "
+        f"d_sae {s['d_sae']}, init {s['init_from']}, {s['steps']} steps / {s['tokens']} tokens"
+        + (" (interrupted)" if s["interrupted"] else ""),
+        f"  held-out activations: {s['metrics']['n_held_out']}",
+    ]
+    for label, metrics in rows:
+        lines.append(
+            f"  {label:<8} EV {metrics['explained_variance']:.4f}  L0 {metrics['l0']:.1f}  "
+            f"dead {metrics['dead_fraction']:.1%}"
+        )
+    if len(trained.features):
+        lines += [
+            "",
+            "most rotated features (decoder cosine to the public SAE):",
+            trained.rotated(k).to_string(index=False, float_format=lambda v: f"{v:.4f}"),
+        ]
+    lines += ["", f"wrote {s['path']}", f"wrote {s['saelens_dir']}"]
+    return "\n".join(lines)
+
+
+def _cmd_sae_train(args: argparse.Namespace) -> None:
+    _quiet_library_loaders()
+    from .train import sae_train
+
+    trained = sae_train(
+        args.model,
+        args.layer,
+        checkpoint=args.checkpoint,
+        activations=args.activations,
+        prompts=args.prompts,
+        init_from=args.init_from,
+        architecture=args.architecture,
+        d_sae=args.d_sae,
+        steps=args.steps,
+        tokens=args.tokens,
+        quick=args.quick,
+        name=args.name,
+        output=args.output,
+        progress=not args.quiet,
+    )
+    say(_format_trained(trained, args.top))
+    if args.json:
+        say(f"wrote {trained.to_json(args.json)}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     _quiet_library_loaders()
     from .demo.run import run_demo
@@ -175,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull_sae.add_argument("--layer", type=int, help="layer (default: the catalog's)")
     pull_sae.set_defaults(run=_cmd_pull_sae)
 
-    sae = commands.add_parser("sae", help="SAE verbs: diff, align")
+    sae = commands.add_parser("sae", help="SAE verbs: diff, train, align")
     sae_verbs = sae.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     diff = sae_verbs.add_parser(
         "diff", help="per-feature activation deltas between a base model and a checkpoint"
@@ -210,6 +289,27 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     diff.set_defaults(run=_cmd_sae_diff)
 
+    train = sae_verbs.add_parser("train", help="train a temporary SAE on a checkpoint")
+    train.add_argument("--model", required=True, help="catalog slug or local model directory")
+    train.add_argument("--layer", type=int, required=True)
+    train.add_argument("--checkpoint", help="train on this checkpoint's activations")
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--activations", help="a capture directory (aquin-nb capture)")
+    source.add_argument("--prompts", help="a prompts/corpus file (default: the shipped corpus)")
+    train.add_argument("--init-from", choices=["public", "scratch"], default="public")
+    train.add_argument("--architecture", choices=["standard", "topk"], default="standard")
+    train.add_argument("--d-sae", type=int, help="dictionary width (a warm start keeps the public)")
+    budget = train.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int)
+    budget.add_argument("--tokens", type=int)
+    train.add_argument("--quick", action="store_true", help="a smoke run on 120k tokens")
+    train.add_argument("--name", help="run name (default: the checkpoint's stem)")
+    train.add_argument("--output", help="output directory (default ~/.aquin_nb/sae/user/...)")
+    train.add_argument("--json", help="also write the TrainedSae result JSON here")
+    train.add_argument("--top", type=int, default=10, help="rotated features shown")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(run=_cmd_sae_train)
+
     align = sae_verbs.add_parser("align", help="Hungarian matching of two SAEs' decoder directions")
     align.add_argument("--sae-a", required=True, help="SAE A: directory, .pt, RELEASE:ID or slug")
     align.add_argument("--sae-b", required=True, help="SAE B: directory, .pt, RELEASE:ID or slug")
@@ -222,6 +322,29 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--top", type=int, default=10, help="pairs shown at each end")
     align.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     align.set_defaults(run=_cmd_sae_align)
+
+    capture = commands.add_parser("capture", help="write residual activations to disk")
+    capture.add_argument("--output", required=True, help="output directory")
+    capture.add_argument("--model", default="tiny-gpt2", help="catalog slug or model directory")
+    capture.add_argument("--checkpoint", help="capture the checkpoint (default: the base model)")
+    capture.add_argument("--prompts", help="JSON or JSONL prompts file")
+    capture.add_argument(
+        "--count", type=int, help="without --prompts, draw N probes from the shipped probe set"
+    )
+    capture.add_argument("--layers", default="all", help="comma list or 'all'")
+    capture.add_argument("--position", choices=["last", "mean", "all"], default="all")
+    capture.add_argument(
+        "--encode-sae",
+        action="store_true",
+        help="also write the public SAE's features for --sae-layer",
+    )
+    capture.add_argument("--sae-layer", type=int, help="layer for --encode-sae")
+    capture.add_argument("--sae", help="SAE for --encode-sae (default: the public one)")
+    capture.add_argument("--name", help="label for the checkpoint")
+    capture.add_argument("--output-json", action="store_true", help="print the result as JSON")
+    capture.add_argument("--overwrite", action="store_true", help="write into a non-empty dir")
+    capture.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    capture.set_defaults(run=_cmd_capture)
 
     demo = commands.add_parser(
         "demo", help="fine-tune the embedded model with LoRA and diff it (offline)"

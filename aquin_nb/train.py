@@ -1,0 +1,543 @@
+"""``sae_train``: a temporary SAE trained on a checkpoint's own activations.
+
+Training is SAELens's own ``SAETrainer`` fed by an iterator of activation
+batches; aquin_nb only collects the activations, picks the configuration, and
+evaluates the result beside the public SAE.
+
+Example:
+    >>> import aquin_nb
+    >>> trained = aquin_nb.sae_train("tiny-gpt2", layer=2, checkpoint="ft.pt", quick=True)  # doctest: +SKIP
+    >>> trained.summary["metrics"]["trained"]["explained_variance"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from ._activations import (
+    context_length,
+    prepare_bridge,
+    residual,
+    token_batches,
+    tokenize_prompts,
+)
+from ._errors import AquinError
+from ._io import atomic_torch_save
+from ._results import mimebundle, read_result, write_result
+from .capture import Capture, default_numerics, read_shard
+from .catalog import EMBEDDED_DIR, find_entry
+from .probes import load_prompts
+from .saes import load_sae
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("standard", "topk")
+LOSS_COLUMNS = ("step", "loss", "mse_loss")
+FEATURE_COLUMNS = ("feature", "decoder_cosine", "rotation")
+QUICK_TOKENS = 120_000
+
+
+@dataclass(frozen=True, eq=False)
+class TrainedSae:
+    """A temporary SAE and how it compares with the public one.
+
+    ``summary``: ``path`` (the ``{cfg, state_dict}`` .pt), ``saelens_dir``,
+    ``model``, ``checkpoint``, ``layer``, ``hook``, ``init_from``,
+    ``architecture``, ``d_sae``, ``steps``, ``tokens``, ``interrupted``,
+    ``metrics`` (``trained`` and ``public``, each with ``explained_variance``,
+    ``l0`` and ``dead_fraction`` on the same held-out activations) and
+    ``tool_version``.
+
+    ``loss_curve``: ``step``, ``loss``, ``mse_loss``. ``features`` (warm start
+    only): ``feature``, ``decoder_cosine`` (to its public self) and
+    ``rotation`` (``1 - decoder_cosine``), most rotated first.
+    """
+
+    summary: dict[str, Any]
+    loss_curve: pd.DataFrame
+    features: pd.DataFrame
+
+    def rotated(self, k: int = 20) -> pd.DataFrame:
+        """The ``k`` features whose decoder direction moved most from the public SAE."""
+        return self.features.head(k).reset_index(drop=True)
+
+    def load(self) -> Any:
+        """The trained SAE as an SAELens object."""
+        return load_sae(self.summary["path"])
+
+    def to_json(self, path: str | Path) -> Path:
+        return write_result(
+            path, "sae_train", self.summary, loss_curve=self.loss_curve, features=self.features
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainedSae:
+        payload = read_result(path, "sae_train")
+        return cls(
+            summary=payload["summary"],
+            loss_curve=pd.DataFrame(payload["loss_curve"], columns=list(LOSS_COLUMNS)),
+            features=pd.DataFrame(payload["features"], columns=list(FEATURE_COLUMNS)),
+        )
+
+    def __repr__(self) -> str:
+        s = self.summary
+        trained, public = s["metrics"]["trained"], s["metrics"]["public"]
+        public_text = (
+            f", public EV {public['explained_variance']:.3f}" if public is not None else ""
+        )
+        return (
+            f"TrainedSae({s['model']} layer {s['layer']}, {s['architecture']} d_sae {s['d_sae']}, "
+            f"{s['steps']} steps: EV {trained['explained_variance']:.3f}{public_text}"
+            f"{', interrupted' if s['interrupted'] else ''})"
+        )
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return mimebundle(self, "sae_train")
+
+
+def default_output_dir(model: str, name: str) -> Path:
+    home = Path(os.environ.get("AQUIN_NB_HOME", Path.home() / ".aquin_nb"))
+    return home / "sae" / "user" / Path(model).name / name
+
+
+def _corpus_windows(tokenizer: Any, prepend_bos: bool, max_length: int) -> list[list[int]]:
+    """The shipped corpus as a token stream cut into context-sized windows (no truncation)."""
+    with gzip.open(EMBEDDED_DIR / "corpus.txt.gz", "rt", encoding="utf-8") as handle:
+        texts = [text for text in handle.read().split("\n\n") if text.strip()]
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(tokenizer.eos_token_id)
+    bos = [tokenizer.bos_token_id] if prepend_bos else []
+    width = max_length - len(bos)
+    return [bos + stream[start : start + width] for start in range(0, len(stream) - width, width)]
+
+
+def _collect_from_model(
+    model: str,
+    checkpoint: Any,
+    layer: int,
+    prompts: Any,
+    numerics: Any,
+    cache_dir: Path,
+    max_tokens: int,
+    d_model: int,
+    progress: bool,
+) -> torch.Tensor:
+    """Residual activations at the SAE's hook, cached in ``cache_dir`` chunk by chunk."""
+    from tqdm.auto import tqdm
+
+    from .models import load_model
+
+    done = sorted(cache_dir.glob("chunk_*.pt")) if cache_dir.is_dir() else []
+    if done:
+        cached = torch.cat([read_shard(path, d_model)["activations"] for path in done])
+        if len(cached) >= max_tokens:
+            logger.info("reusing %d cached activations from %s", len(cached), cache_dir)
+            return cached[:max_tokens]
+    bridge = load_model(model, checkpoint)
+    prepare_bridge(bridge, numerics)
+    max_length = context_length(bridge, numerics)
+    if prompts is not None:
+        texts = load_prompts(prompts, bridge.tokenizer)
+        token_lists = tokenize_prompts(
+            bridge.tokenizer, texts, prepend_bos=numerics.prepend_bos, max_length=max_length
+        )
+    else:
+        token_lists = _corpus_windows(bridge.tokenizer, numerics.prepend_bos, max_length)
+    chunks, collected, index = [], 0, 0
+    bar = tqdm(total=max_tokens, desc=f"collect layer {layer}", disable=not progress, unit="tok")
+    with torch.no_grad():
+        for batch in token_batches(token_lists, batch_size=32, skip_first=numerics.prepend_bos):
+            acts = (
+                residual(bridge, batch.tokens, numerics.hook_name)[
+                    batch.mask.to(next(bridge.original_model.parameters()).device)
+                ]
+                .float()
+                .cpu()
+            )
+            atomic_torch_save(cache_dir / f"chunk_{index:05d}.pt", {"activations": acts})
+            chunks.append(acts)
+            index += 1
+            collected += len(acts)
+            bar.update(len(acts))
+            if collected >= max_tokens:
+                break
+    bar.close()
+    return torch.cat(chunks)[:max_tokens]
+
+
+def _collect_from_capture(directory: Path, layer: int, d_model: int) -> torch.Tensor:
+    capture = Capture.open(directory)
+    if capture.summary["d_model"] != d_model:
+        raise AquinError(
+            f"activations in {directory} are {capture.summary['d_model']} wide, "
+            f"but the model's d_model is {d_model}"
+        )
+    if capture.summary["position"] != "all":
+        logger.warning(
+            "training on %s-pooled activations from %s", capture.summary["position"], directory
+        )
+    return capture.load_layer(layer)
+
+
+class _Batches:
+    """An endless, seeded, shuffled stream of activation batches for SAETrainer."""
+
+    def __init__(self, activations: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.activations = activations
+        self.batch_size = min(batch_size, len(activations))
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        index = torch.randint(len(self.activations), (self.batch_size,), generator=self.generator)
+        return self.activations[index]
+
+
+def _training_sae(
+    architecture: str,
+    d_in: int,
+    d_sae: int,
+    public: Any,
+    init_from: str,
+    metadata: Any,
+    l1: float,
+    k: int,
+) -> Any:
+
+    from .saes import _quiet_processing_hint
+
+    normalize = "none" if init_from == "public" else "expected_average_only_in"
+    with _quiet_processing_hint():
+        return _build_training_sae(
+            architecture, d_in, d_sae, public, init_from, metadata, l1, k, normalize
+        )
+
+
+def _build_training_sae(
+    architecture: str,
+    d_in: int,
+    d_sae: int,
+    public: Any,
+    init_from: str,
+    metadata: Any,
+    l1: float,
+    k: int,
+    normalize: str,
+) -> Any:
+    from sae_lens import (
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
+
+    if architecture == "standard":
+        cfg: Any = StandardTrainingSAEConfig(
+            d_in=d_in,
+            d_sae=d_sae,
+            l1_coefficient=l1,
+            normalize_activations=normalize,
+            metadata=metadata,
+        )
+        sae: Any = StandardTrainingSAE(cfg)
+    else:
+        cfg = TopKTrainingSAEConfig(
+            d_in=d_in, d_sae=d_sae, k=k, normalize_activations=normalize, metadata=metadata
+        )
+        sae = TopKTrainingSAE(cfg)
+    if init_from == "public":
+        if public.cfg.architecture() != architecture:
+            raise AquinError(
+                f"cannot warm-start a {architecture} SAE from the public "
+                f"{public.cfg.architecture()} SAE; use architecture={public.cfg.architecture()!r} "
+                f"or init_from='scratch'"
+            )
+        state = public.state_dict()
+        own = sae.state_dict()
+        sae.load_state_dict({key: state[key] if key in state else own[key] for key in own})
+    return sae
+
+
+@torch.no_grad()
+def _metrics(sae: Any, activations: torch.Tensor) -> dict[str, float]:
+    feats = sae.encode(activations)
+    reconstruction = sae.decode(feats)
+    error = float(((activations - reconstruction) ** 2).sum())
+    variance = float(((activations - activations.mean(0)) ** 2).sum())
+    return {
+        "explained_variance": 1.0 - error / variance if variance > 0 else 0.0,
+        "l0": float((feats > 0).float().sum(1).mean()),
+        "dead_fraction": float((~(feats > 0).any(0)).float().mean()),
+    }
+
+
+def sae_train(
+    model: str | Path,
+    layer: int,
+    *,
+    checkpoint: str | Path | None = None,
+    activations: str | Path | None = None,
+    prompts: Any = None,
+    init_from: str = "public",
+    architecture: str = "standard",
+    d_sae: int | None = None,
+    steps: int | None = None,
+    tokens: int | None = None,
+    quick: bool = False,
+    name: str | None = None,
+    output: str | Path | None = None,
+    batch_size: int = 2048,
+    lr: float = 4e-4,
+    l1_coefficient: float = 3.0,
+    k: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainedSae:
+    """Train a temporary SAE on ``layer`` of the model or checkpoint, with SAELens's trainer.
+
+    Data: a capture directory (``activations``), or a corpus (``prompts``, else the
+    shipped corpus), collected from the checkpoint and cached in
+    ``_acts_layer<N>/`` beside the output so a second run reuses it.
+
+    ``init_from="public"`` (the default) warm-starts from the public SAE: feature
+    identities are kept, so each feature's decoder rotation is a finding (the
+    stage-wise model-diffing approach), and far fewer tokens are needed.
+    ``quick`` trains on 120k tokens for a smoke run. Ctrl-C stops training and
+    still writes what was trained so far (``summary["interrupted"]``).
+
+    Output: ``~/.aquin_nb/sae/user/<model>/<name>/sae_layer<N>.pt`` (``{cfg,
+    state_dict}``) and a SAELens directory ``sae_layer<N>/`` beside it; ``output``
+    (or ``$AQUIN_NB_HOME``) moves it.
+
+    Example:
+        >>> trained = sae_train("tiny-gpt2", 2, checkpoint="ft.pt", quick=True)  # doctest: +SKIP
+        >>> trained.rotated(5)  # doctest: +SKIP
+    """
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    if architecture not in ARCHITECTURES:
+        raise AquinError(
+            f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}"
+        )
+    if init_from not in ("public", "scratch"):
+        raise AquinError(f"init_from must be 'public' or 'scratch', got {init_from!r}")
+    if d_sae is not None and d_sae <= 0:
+        raise AquinError(f"d_sae must be a positive integer, got {d_sae}")
+    for label, value in (("steps", steps), ("tokens", tokens), ("batch_size", batch_size)):
+        if value is not None and value <= 0:
+            raise AquinError(f"{label} must be positive, got {value}")
+    from .models import load_hf_model
+
+    model_text = str(model)
+    hf, _, label = load_hf_model(model_text)
+    n_layers, d_model = int(hf.config.num_hidden_layers), int(hf.config.hidden_size)
+    del hf
+    if not 0 <= layer < n_layers:
+        raise AquinError(
+            f"layer {layer} is out of range: {label} has {n_layers} layers (0-{n_layers - 1})"
+        )
+    entry = find_entry(model_text)
+    public = None
+    try:
+        public = load_sae(entry.slug if entry is not None else model_text, layer)
+    except AquinError as error:
+        if init_from == "public":
+            raise AquinError(
+                f"cannot warm-start: no public SAE for {label} layer {layer} ({error})"
+            ) from None
+    if public is not None and init_from == "public":
+        d_sae = int(public.cfg.d_sae) if d_sae is None else d_sae
+        if d_sae != int(public.cfg.d_sae):
+            raise AquinError(
+                f"a warm start keeps the public width: d_sae must be "
+                f"{public.cfg.d_sae}, got {d_sae}"
+            )
+    d_sae = d_sae or 8 * d_model
+    numerics = default_numerics(model_text, layer, public)
+    name = name or ("temp" if checkpoint is None else Path(checkpoint).stem)
+    out_dir = Path(output) if output is not None else default_output_dir(label, name)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise AquinError(f"cannot write to output {out_dir}: {error.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise AquinError(f"cannot write to output {out_dir}: permission denied")
+
+    budget = tokens or (steps * batch_size if steps else (QUICK_TOKENS if quick else 1_000_000))
+    if activations is not None:
+        data = _collect_from_capture(Path(activations), layer, d_model)
+    else:
+        # Batches are drawn with replacement, so 400k distinct tokens is plenty.
+        cache = out_dir / f"_acts_layer{layer}"
+        data = _collect_from_model(
+            model_text,
+            checkpoint,
+            layer,
+            prompts,
+            numerics,
+            cache,
+            min(budget, 400_000),
+            d_model,
+            progress,
+        )
+    if len(data) < 20:
+        raise AquinError(f"only {len(data)} activations to train on; give more prompts")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=generator)
+    n_held = max(10, len(data) // 10)
+    held_out, train = data[order[:n_held]], data[order[n_held:]]
+    total_steps = steps or max(1, budget // batch_size)
+
+    metadata = SAEMetadata(
+        model_name=label,
+        hook_name=numerics.hook_name,
+        hook_head_index=None,
+        context_size=numerics.context_size,
+        prepend_bos=numerics.prepend_bos,
+        model_from_pretrained_kwargs={key: True for key, on in numerics.processing.items() if on},
+    )
+    torch.manual_seed(seed)
+    sae = _training_sae(
+        architecture, d_model, d_sae, public, init_from, metadata, l1_coefficient, k
+    )
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=total_steps * batch_size,
+        train_batch_size_samples=batch_size,
+        lr=lr,
+        lr_end=lr / 10,
+        lr_warm_up_steps=min(50, total_steps // 10),
+        n_batches_for_norm_estimate=10,
+        dead_feature_window=max(50, total_steps // 4),
+        feature_sampling_window=max(100, total_steps // 2),
+    )
+    trainer = _recording_trainer_class()(
+        cfg=trainer_cfg, sae=sae, data_provider=_Batches(train, batch_size, seed)
+    )
+    interrupted = False
+    try:
+        trained = trainer.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+        logger.warning(
+            "training interrupted at step %d: saving what was trained", trainer.n_training_steps
+        )
+        trained = trainer.sae
+        if trainer.activation_scaler.scaling_factor is not None:
+            trained.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
+    path, saelens_dir = _save(trained, out_dir, layer)
+    inference = load_sae(saelens_dir)
+
+    features = pd.DataFrame(columns=list(FEATURE_COLUMNS))
+    if init_from == "public" and public is not None:
+        cosine = (
+            torch.nn.functional.cosine_similarity(
+                inference.W_dec.detach(), public.W_dec.detach(), dim=1
+            )
+            .double()
+            .numpy()
+        )
+        features = pd.DataFrame(
+            {"feature": np.arange(len(cosine)), "decoder_cosine": cosine, "rotation": 1.0 - cosine}
+        )
+        features = features.sort_values(
+            ["rotation", "feature"], ascending=[False, True], kind="stable"
+        ).reset_index(drop=True)
+    summary = {
+        "path": str(path),
+        "saelens_dir": str(saelens_dir),
+        "model": label,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "name": name,
+        "layer": layer,
+        "hook": numerics.hook_name,
+        "init_from": init_from,
+        "architecture": architecture,
+        "d_sae": d_sae,
+        "steps": trainer.n_training_steps,
+        "tokens": trainer.n_training_samples,
+        "data": str(activations) if activations is not None else "corpus",
+        "interrupted": interrupted,
+        "config": {
+            "lr": lr,
+            "batch_size": batch_size,
+            "l1_coefficient": l1_coefficient,
+            "k": k if architecture == "topk" else None,
+            "seed": seed,
+        },
+        "metrics": {
+            "n_held_out": n_held,
+            "trained": _metrics(inference, held_out),
+            "public": _metrics(public, held_out) if public is not None else None,
+        },
+        "tool_version": __version__,
+    }
+    loss_curve = pd.DataFrame(trainer.losses, columns=list(LOSS_COLUMNS))
+    return TrainedSae(summary=summary, loss_curve=loss_curve, features=features)
+
+
+def _save(sae: Any, out_dir: Path, layer: int) -> tuple[Path, Path]:
+    """Write the SAELens directory, then the ``{cfg, state_dict}`` .pt from it."""
+    saelens_dir = out_dir / f"sae_layer{layer}"
+    staging = out_dir / f".sae_layer{layer}.partial"
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    sae.save_inference_model(str(staging))
+    if saelens_dir.exists():
+        import shutil
+
+        shutil.rmtree(saelens_dir)
+    staging.rename(saelens_dir)
+    inference = load_sae(saelens_dir)
+    path = atomic_torch_save(
+        out_dir / f"sae_layer{layer}.pt",
+        {
+            "cfg": inference.cfg.to_dict(),
+            "state_dict": {
+                key: value.detach().cpu() for key, value in inference.state_dict().items()
+            },
+        },
+    )
+    return path, saelens_dir
+
+
+def _recording_trainer_class() -> type:
+    from sae_lens import SAETrainer
+
+    class RecordingTrainer(SAETrainer):  # type: ignore[misc]
+        """SAELens's trainer, recording each step's loss for the loss curve."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.losses: list[tuple[int, float, float]] = []
+
+        def step(self, batch: torch.Tensor) -> Any:
+            output = super().step(batch)
+            mse = output.losses.get("mse_loss")
+            self.losses.append(
+                (
+                    self.n_training_steps,
+                    float(output.loss),
+                    float(mse) if mse is not None else float("nan"),
+                )
+            )
+            return output
+
+    return RecordingTrainer
