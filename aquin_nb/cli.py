@@ -229,6 +229,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     say()
     say(_format_top(result.diff, args.top))
     say()
+    say(_format_trained(result.trained, 5))
+    say()
+    say(_format_align(result.align, 5))
+    say()
     for path in result.written:
         say(f"wrote {path}")
 

@@ -34,7 +34,12 @@ def write_report(path: str | Path, results: list[Any], title: str = "aquin_nb re
 
 
 def _kind_of(result: Any) -> str:
-    kinds = {"SaeDiff": "sae_diff", "SaeAlign": "sae_align"}
+    kinds = {
+        "SaeDiff": "sae_diff",
+        "SaeAlign": "sae_align",
+        "TrainedSae": "sae_train",
+        "Capture": "capture",
+    }
     name = type(result).__name__
     if name not in kinds:
         raise TypeError(f"no card for {name}")

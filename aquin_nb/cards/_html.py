@@ -142,12 +142,34 @@ def heatmap_svg(section: dict[str, Any], cell: int = 14) -> str:
     )
 
 
+def line_svg(section: dict[str, Any], width: int = 460, height: int = 120) -> str:
+    xs, ys = section["x"], section["y"]
+    if not xs:
+        return ""
+    x_low, x_high = min(xs), max(xs) or 1
+    y_low, y_high = min(ys), max(ys)
+    span_x, span_y = (x_high - x_low) or 1, (y_high - y_low) or 1
+    points = " ".join(
+        f"{(x - x_low) / span_x * (width - 50) + 45:.1f},{(1 - (y - y_low) / span_y) * (height - 20) + 5:.1f}"
+        for x, y in zip(xs, ys, strict=True)
+    )
+    return (
+        f'<svg class="aquin-bars aquin-line" width="{width}" height="{height}" '
+        f'xmlns="http://www.w3.org/2000/svg" role="img">'
+        f'<text x="40" y="12" text-anchor="end">{y_high:.3g}</text>'
+        f'<text x="40" y="{height - 15}" text-anchor="end">{y_low:.3g}</text>'
+        f'<text x="{width - 5}" y="{height - 2}" text-anchor="end">step {x_high}</text>'
+        f'<polyline fill="none" stroke="#5b8def" stroke-width="1.5" points="{points}"/></svg>'
+    )
+
+
 def _section(section: dict[str, Any]) -> str:
     body = {
         "bars": lambda: diverging_bars_svg(section["bars"]),
         "table": lambda: _table(section),
         "histogram": lambda: histogram_svg(section),
         "heatmap": lambda: heatmap_svg(section),
+        "line": lambda: line_svg(section),
     }[section["type"]]()
     return f'<div class="aquin-section"><h4>{_escape(section["title"])}</h4>{body}</div>'
 

@@ -122,9 +122,91 @@ def sae_align_spec(align: Any) -> dict[str, Any]:
     }
 
 
+def sae_train_spec(trained: Any) -> dict[str, Any]:
+    s = trained.summary
+    metrics = s["metrics"]
+    chips = [
+        {"label": "model", "value": s["model"]},
+        {"label": "hook", "value": s["hook"]},
+        {"label": "init", "value": s["init_from"]},
+        {"label": "SAE", "value": f"{s['architecture']} · {s['d_sae']}"},
+        {"label": "steps", "value": s["steps"]},
+        {"label": "tokens", "value": s["tokens"]},
+        {"label": "EV trained", "value": f"{metrics['trained']['explained_variance']:.3f}"},
+        {"label": "L0 trained", "value": f"{metrics['trained']['l0']:.1f}"},
+        {"label": "dead", "value": f"{metrics['trained']['dead_fraction']:.1%}"},
+    ]
+    if metrics["public"] is not None:
+        chips.append(
+            {"label": "EV public", "value": f"{metrics['public']['explained_variance']:.3f}"}
+        )
+    if s["interrupted"]:
+        chips.append({"label": "status", "value": "interrupted", "warn": True})
+    curve = trained.loss_curve
+    step = max(1, len(curve) // 200)
+    sections: list[dict[str, Any]] = [
+        {
+            "type": "line",
+            "title": "Training loss",
+            "x": [int(x) for x in curve["step"].iloc[::step]],
+            "y": [float(y) for y in curve["loss"].iloc[::step]],
+        },
+    ]
+    if len(trained.features):
+        columns = ["feature", "decoder_cosine", "rotation"]
+        sections.append(
+            {
+                "type": "table",
+                "title": "Most rotated features (vs public)",
+                "columns": columns,
+                "rows": _records(trained.rotated(TABLE_ROWS), columns),
+                "select": "feature",
+            }
+        )
+    return {
+        "kind": "sae_train",
+        "title": f"{s['model']} layer {s['layer']} · {s['name']}",
+        "chips": chips,
+        "warning": None,
+        "sections": sections,
+    }
+
+
+def capture_spec(capture: Any) -> dict[str, Any]:
+    s = capture.summary
+    chips = [
+        {"label": "model", "value": s["model"]},
+        {"label": "checkpoint", "value": s.get("name") or "base"},
+        {"label": "position", "value": s["position"]},
+        {"label": "prompts", "value": s["n_prompts"]},
+        {"label": "rows", "value": s["n_rows"]},
+        {"label": "d_model", "value": s["d_model"]},
+    ]
+    rows = [
+        {"layer": int(layer), "hook": s["hooks"][layer], "shape": " × ".join(map(str, shape))}
+        for layer, shape in s["shapes"].items()
+    ]
+    return {
+        "kind": "capture",
+        "title": str(capture.directory),
+        "chips": chips,
+        "warning": None,
+        "sections": [
+            {
+                "type": "table",
+                "title": "Shards",
+                "columns": ["layer", "hook", "shape"],
+                "rows": rows,
+            }
+        ],
+    }
+
+
 SPECS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "sae_diff": sae_diff_spec,
     "sae_align": sae_align_spec,
+    "sae_train": sae_train_spec,
+    "capture": capture_spec,
 }
 
 

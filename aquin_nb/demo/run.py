@@ -1,7 +1,9 @@
 """``aquin-nb demo``: the main job on the embedded default, offline.
 
 Fine-tunes tiny-gpt2 with the LoRA fixture, runs ``sae_diff`` on the result with
-the shipped probes, and writes ``demo_out/``.
+the shipped probes, trains a temporary SAE on the checkpoint (warm-started from
+the public one), aligns the two dictionaries, and writes ``demo_out/``: one JSON
+per result and ``report.html`` with their cards.
 
 Example:
     >>> from aquin_nb.demo.run import run_demo
@@ -14,8 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from ..align import SaeAlign, sae_align
 from ..diff import SaeDiff, sae_diff
+from ..train import TrainedSae, sae_train
 from .finetune import finetune_lora
 
 
@@ -23,6 +28,8 @@ from .finetune import finetune_lora
 class DemoResult:
     checkpoint: Path
     diff: SaeDiff
+    trained: TrainedSae
+    align: SaeAlign
     written: list[Path] = field(default_factory=list)
 
 
@@ -32,11 +39,28 @@ def run_demo(
     out = Path(out)
     checkpoint = finetune_lora("tiny-gpt2", run_dir=out / "run", steps=steps, progress=progress)
     diff = sae_diff("tiny-gpt2", checkpoint, name="cooking-lora", progress=progress)
-    written = [diff.to_json(out / "sae_diff.json")]
+    trained = sae_train(
+        "tiny-gpt2",
+        diff.summary["layer"],
+        checkpoint=checkpoint,
+        quick=True,
+        name="cooking-lora",
+        output=out / "temp_sae",
+        progress=progress,
+    )
+    align = sae_align("tiny-gpt2", trained.summary["path"], progress=progress)
+    results: list[tuple[str, Any]] = [
+        ("sae_diff", diff),
+        ("sae_train", trained),
+        ("sae_align", align),
+    ]
+    written = [result.to_json(out / f"{kind}.json") for kind, result in results]
     try:
         from ..cards import write_report
     except ImportError:
         pass
     else:
-        written.append(write_report(out / "report.html", [diff]))
-    return DemoResult(checkpoint=checkpoint, diff=diff, written=written)
+        written.append(write_report(out / "report.html", [result for _, result in results]))
+    return DemoResult(
+        checkpoint=checkpoint, diff=diff, trained=trained, align=align, written=written
+    )

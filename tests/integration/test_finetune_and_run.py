@@ -88,6 +88,8 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "20", "-q"]) == 0
     out = capsys.readouterr().out
     assert "nChanged=" in out
-    assert (tmp_path / "demo" / "sae_diff.json").is_file()
+    assert "[sae train]" in out and "[sae align]" in out
+    for name in ("sae_diff.json", "sae_train.json", "sae_align.json"):
+        assert (tmp_path / "demo" / name).is_file()
     assert "aquin-card" in (tmp_path / "demo" / "report.html").read_text()
     assert (tmp_path / "demo" / "run" / "checkpoints" / "checkpoint.pt").is_file()
