@@ -7,7 +7,7 @@ STAMP := $(VENV)/.aquin-installed
 # build. pyproject keeps torch's range open for GPU users.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: env demo test test-all lint typecheck artifacts bench clean
+.PHONY: env demo test test-all lint typecheck browser-deps artifacts bench clean
 
 env: $(STAMP)
 
@@ -22,16 +22,22 @@ demo: $(STAMP)
 	$(VENV)/bin/aquin-nb demo --out demo_out
 
 lint: $(STAMP)
-	$(PY) -m ruff check aquin_nb tests benchmarks
-	$(PY) -m ruff format --check aquin_nb tests benchmarks
+	$(PY) -m ruff check aquin_nb tests benchmarks notebooks
+	$(PY) -m ruff format --check aquin_nb tests benchmarks notebooks
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-test: lint typecheck
+# Browser tests drive Debian's chromium through Playwright (its own download
+# does not work offline); install it when it is missing.
+browser-deps:
+	command -v chromium >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: lint typecheck browser-deps
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: lint typecheck
+test-all: lint typecheck browser-deps
 	$(PY) -m pytest -q
 
 artifacts: $(STAMP)
@@ -39,6 +45,7 @@ artifacts: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/diff.py
+	$(PY) benchmarks/align.py
 
 clean:
 	rm -rf demo_out .pytest_cache .mypy_cache .ruff_cache

@@ -57,6 +57,12 @@ class SaeAlign:
     pairs: pd.DataFrame
     unmatched: pd.DataFrame
 
+    def widget(self) -> Any:
+        """A live, sortable card (anywidget)."""
+        from .cards.widget import CardWidget
+
+        return CardWidget.for_result(self, "sae_align")
+
     def strongest(self, k: int = 10) -> pd.DataFrame:
         return self.pairs.head(k).reset_index(drop=True)
 

@@ -50,6 +50,12 @@ class Capture:
     directory: Path
     summary: dict[str, Any]
 
+    def widget(self) -> Any:
+        """A live, sortable card (anywidget)."""
+        from .cards.widget import CardWidget
+
+        return CardWidget.for_result(self, "capture")
+
     def layer_path(self, layer: int) -> Path:
         return self.directory / "layers" / f"layer_{layer}.pt"
 

@@ -9,7 +9,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from ._activations import (
 from ._errors import AquinError
 from ._results import mimebundle, read_result, write_result
 from ._stats import FitStats, PairedFeatureStats
+from ._tokenview import LiveDiff, compute_token_views
 from .catalog import find_entry
 from .probes import load_prompts
 from .saes import check_sae_fits, load_sae, sae_numerics
@@ -78,6 +79,27 @@ class SaeDiff:
 
     summary: dict[str, Any]
     features: pd.DataFrame
+    live: LiveDiff | None = field(default=None, repr=False)
+
+    def token_views(self, features: list[int] | None = None, k: int = 4) -> dict[int, Any]:
+        """Where each feature fires most: ``k`` prompts, token by token, base and checkpoint.
+
+        Computed on demand in one pass over the probes (at most 32 features at a
+        time, the top 10 by default) and cached; needs the models, so a SaeDiff
+        read back from JSON has none.
+        """
+        if self.live is None:
+            raise AquinError(
+                "token views need the models; this SaeDiff was read from JSON, run sae_diff again"
+            )
+        chosen = features if features is not None else self.top(10)["feature"].tolist()
+        return compute_token_views(self.live, chosen, k)
+
+    def widget(self) -> Any:
+        """A live, sortable card with feature drill-down (anywidget)."""
+        from .cards.widget import CardWidget
+
+        return CardWidget.for_result(self, "sae_diff")
 
     def top(self, k: int = 20) -> pd.DataFrame:
         """The ``k`` features with the largest ``|delta|``."""
@@ -294,7 +316,8 @@ def sae_diff(
         },
         "tool_version": __version__,
     }
-    return SaeDiff(summary=summary, features=features)
+    live = LiveDiff(base, ckpt, sae_obj, numerics.hook_name, token_lists, numerics.prepend_bos)
+    return SaeDiff(summary=summary, features=features, live=live)
 
 
 def _feature_frame(

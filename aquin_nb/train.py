@@ -68,6 +68,12 @@ class TrainedSae:
     loss_curve: pd.DataFrame
     features: pd.DataFrame
 
+    def widget(self) -> Any:
+        """A live, sortable card (anywidget)."""
+        from .cards.widget import CardWidget
+
+        return CardWidget.for_result(self, "sae_train")
+
     def rotated(self, k: int = 20) -> pd.DataFrame:
         """The ``k`` features whose decoder direction moved most from the public SAE."""
         return self.features.head(k).reset_index(drop=True)

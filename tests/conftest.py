@@ -90,3 +90,31 @@ def copy_pt(tmp_path_factory, base_state) -> Path:
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.WARNING)
+
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+_executed: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def run_notebook(tmp_path_factory):
+    """Execute a shipped notebook once per session (nbclient) and return it with outputs."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    workdir = tmp_path_factory.mktemp("notebooks")
+
+    def execute(name: str):
+        if name not in _executed:
+            notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+            client = NotebookClient(
+                notebook,
+                timeout=600,
+                kernel_name="python3",
+                resources={"metadata": {"path": str(workdir)}},
+            )
+            client.execute()
+            _executed[name] = notebook
+        return _executed[name]
+
+    return execute

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import uuid
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,29 @@ def _chips(spec: dict[str, Any]) -> str:
     return f'<div class="aquin-chips">{"".join(parts)}</div>'
 
 
-def _table(table: dict[str, Any]) -> str:
+def _token_view_html(view: dict[str, Any]) -> str:
+    """Each prompt twice (base, checkpoint), tokens shaded by the feature's activation."""
+    peak = (
+        max((max(p["base"] + p["checkpoint"], default=0.0) for p in view["prompts"]), default=0.0)
+        or 1.0
+    )
+    blocks = []
+    for prompt in view["prompts"]:
+        lines = []
+        for side in ("base", "checkpoint"):
+            spans = []
+            for token, value in zip(prompt["tokens"], prompt[side], strict=True):
+                alpha = max(0.0, min(1.0, value / peak))
+                spans.append(
+                    f'<span style="background: rgba(214,69,80,{alpha:.2f})" '
+                    f'title="{value:.3f}">{_escape(token)}</span>'
+                )
+            lines.append(f"<div><b>{side}</b> {''.join(spans)}</div>")
+        blocks.append(f'<div class="aquin-tokens">{"".join(lines)}</div>')
+    return "".join(blocks)
+
+
+def _table(table: dict[str, Any], labels: dict[str, str] | None = None) -> str:
     head = "".join(f"<th>{_escape(column)}</th>" for column in table["columns"])
     rows = []
     for row in table["rows"]:
@@ -58,6 +81,12 @@ def _table(table: dict[str, Any]) -> str:
             cells.append(f"<td{css}>{_number(value)}</td>")
         key = table.get("select")
         attribute = f' data-feature="{_escape(row[key])}"' if key else ""
+        target = (labels or {}).get(str(row.get(key))) if key else None
+        if target:
+            # A label for a hidden radio: a click shows the token view, no script needed.
+            cells[0] = (
+                f'<td><label for="{target}" class="aquin-pick">{_number(row[key])}</label></td>'
+            )
         rows.append(f"<tr{attribute}>{''.join(cells)}</tr>")
     return (
         f'<table class="aquin-table"><thead><tr>{head}</tr></thead>'
@@ -105,9 +134,9 @@ def histogram_svg(section: dict[str, Any], width: int = 460, height: int = 120) 
             f'width="{bar_width - 2:.1f}" height="{bar_height:.1f}" fill="#5b8def">'
             f"<title>[{edges[index]:.2f}, {edges[index + 1]:.2f}): {count}</title></rect>"
         )
-    for value in (-1.0, 0.0, 1.0):
+    for value, anchor in ((edges[0], "start"), (0.0, "middle"), (edges[-1], "end")):
         x = (value - edges[0]) / (edges[-1] - edges[0]) * width
-        shapes.append(f'<text x="{x:.1f}" y="{height - 2}" text-anchor="middle">{value:g}</text>')
+        shapes.append(f'<text x="{x:.1f}" y="{height - 2}" text-anchor="{anchor}">{value:g}</text>')
     if section.get("marker") is not None:
         x = (section["marker"] - edges[0]) / (edges[-1] - edges[0]) * width
         shapes.append(
@@ -163,10 +192,10 @@ def line_svg(section: dict[str, Any], width: int = 460, height: int = 120) -> st
     )
 
 
-def _section(section: dict[str, Any]) -> str:
+def _section(section: dict[str, Any], labels: dict[str, str] | None = None) -> str:
     body = {
         "bars": lambda: diverging_bars_svg(section["bars"]),
-        "table": lambda: _table(section),
+        "table": lambda: _table(section, labels),
         "histogram": lambda: histogram_svg(section),
         "heatmap": lambda: heatmap_svg(section),
         "line": lambda: line_svg(section),
@@ -184,7 +213,28 @@ def render_spec_html(spec: dict[str, Any]) -> str:
     ]
     if spec.get("warning"):
         parts.append(f'<div class="aquin-chip aquin-warn">{_escape(spec["warning"])}</div>')
-    parts.extend(_section(section) for section in spec["sections"])
+    views = spec.get("token_views") or {}
+    uid = uuid.uuid4().hex[:8]
+    labels = {feature: f"aquin-tv-{uid}-{feature}" for feature in views}
+    if views:
+        rules = "".join(
+            f"#{target}:checked ~ .aquin-section .{target} {{ display: block; }}"
+            for target in labels.values()
+        )
+        parts.append(f"<style>.aquin-tv {{ display: none; }}{rules}</style>")
+        parts.extend(
+            f'<input type="radio" name="aquin-tv-{uid}" id="{target}" class="aquin-radio" hidden>'
+            for target in labels.values()
+        )
+    parts.extend(_section(section, labels) for section in spec["sections"])
+    if views:
+        panels = "".join(
+            f'<div class="aquin-tv {labels[feature]}" data-token-view="{_escape(feature)}">'
+            f"<h4>Feature {_escape(feature)}: where it fires most</h4>"
+            f"{_token_view_html(view)}</div>"
+            for feature, view in views.items()
+        )
+        parts.append(f'<div class="aquin-section">{panels}</div>')
     parts.append("</div>")
     return "".join(parts)
 

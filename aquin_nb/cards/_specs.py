@@ -7,6 +7,7 @@ from typing import Any
 
 TABLE_ROWS = 25
 BAR_FEATURES = 10
+TOKEN_VIEW_ROWS = 10
 
 
 def _records(frame: Any, columns: list[str]) -> list[dict[str, Any]]:
@@ -58,8 +59,14 @@ def sae_diff_spec(diff: Any) -> dict[str, Any]:
     rising = frame[frame["delta"] > 0].nlargest(BAR_FEATURES, "delta")
     falling = frame[frame["delta"] < 0].nsmallest(BAR_FEATURES, "delta")
     bars = _records(rising, ["feature", "delta"]) + _records(falling, ["feature", "delta"])
+    token_views: dict[str, Any] = {}
+    if getattr(diff, "live", None) is not None:
+        # A bounded, lazy second pass: only the features the card lists first.
+        shown = frame.head(TOKEN_VIEW_ROWS)["feature"].tolist()
+        token_views = {str(f): view for f, view in diff.token_views(shown).items()}
     return {
         "kind": "sae_diff",
+        "token_views": token_views,
         "title": f"{s['model']} vs {s['name']}",
         "chips": chips,
         "warning": fit.get("warning"),

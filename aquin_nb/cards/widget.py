@@ -1,0 +1,67 @@
+"""The live card: an anywidget with JSON-only traits, its ESM and CSS from ``widgets/``.
+
+Sorting and filtering happen in the browser; selecting a feature row sends its
+index to Python, which computes that feature's token view lazily.
+
+Example:
+    >>> diff.widget()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anywidget
+import traitlets
+
+from ._html import diverging_bars_svg, heatmap_svg, histogram_svg, line_svg, widget_source
+from ._specs import card_spec
+
+_SVG = {
+    "bars": lambda section: diverging_bars_svg(section["bars"]),
+    "histogram": histogram_svg,
+    "heatmap": heatmap_svg,
+    "line": line_svg,
+}
+
+
+class CardWidget(anywidget.AnyWidget):  # type: ignore[misc]
+    """One result's card. Traits: ``spec`` (the card spec), ``selected`` (a feature
+    index, -1 for none) and ``token_view`` (that feature's token view, or {})."""
+
+    _esm = widget_source("card.js")
+    _css = widget_source("card.css")
+    spec = traitlets.Dict().tag(sync=True)
+    selected = traitlets.Int(-1).tag(sync=True)
+    token_view = traitlets.Dict().tag(sync=True)
+    error = traitlets.Unicode("").tag(sync=True)
+
+    def __init__(self, result: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._result = result
+
+    @classmethod
+    def for_result(cls, result: Any, kind: str) -> CardWidget:
+        spec = card_spec(result, kind)
+        spec.pop("token_views", None)  # the widget asks for them one at a time
+        for section in spec["sections"]:
+            if section["type"] in _SVG:
+                section["svg"] = _SVG[section["type"]](section)
+        return cls(result=result, spec=spec)
+
+    @traitlets.observe("selected")
+    def _on_selected(self, change: dict[str, Any]) -> None:
+        feature = int(change["new"])
+        if feature < 0:
+            self.token_view = {}
+            return
+        views = getattr(self._result, "token_views", None)
+        if views is None:
+            self.error = "this result has no token views"
+            return
+        try:
+            self.token_view = views([feature])[feature]
+            self.error = ""
+        except Exception as problem:  # shown in the card instead of lost in the kernel log
+            self.token_view = {}
+            self.error = str(problem)
