@@ -23,6 +23,7 @@ __all__ = [
     "Run",
     "SaeAlign",
     "SaeDiff",
+    "Simulation",
     "TrainedSae",
     "__version__",
     "capture_activations",
@@ -31,9 +32,12 @@ __all__ = [
     "sae_align",
     "sae_diff",
     "sae_train",
+    "simulate",
 ]
 
 _LAZY = {
+    "Simulation": "aquin_nb.simulate",
+    "simulate": "aquin_nb.simulate",
     "Capture": "aquin_nb.capture",
     "TrainedSae": "aquin_nb.train",
     "capture_activations": "aquin_nb.capture",
@@ -54,6 +58,7 @@ if TYPE_CHECKING:
     from .models import load_model
     from .run import Run
     from .saes import load_sae
+    from .simulate import Simulation, simulate
     from .train import TrainedSae, sae_train
 
 

@@ -219,6 +219,40 @@ def _cmd_sae_train(args: argparse.Namespace) -> None:
         say(f"wrote {trained.to_json(args.json)}")
 
 
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    _quiet_library_loaders()
+    from .simulate import simulate
+
+    method = "linearised training" if args.exact_linear else "NTK-diagonal closed form"
+    say(f"[simulate] {args.model} on {args.data}: {method}, lr {args.lr}, {args.steps} steps")
+    sim = simulate(
+        args.model,
+        args.data,
+        lr=args.lr,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        layer=args.layer,
+        sae=args.sae,
+        name=args.name,
+        output=args.output,
+        params=args.params,
+        exact_linear=args.exact_linear,
+        curvature=args.curvature,
+        progress=not args.quiet,
+    )
+    s = sim.summary
+    say(
+        f"[simulate] {s['n_examples']} examples, {s['n_params']} tensors moved ({s['params']}), "
+        f"|Δθ| {s['delta_norm']:.4g}, {s['seconds']:.1f}s"
+    )
+    say(f"[simulate] synthetic checkpoint {s['checkpoint']}")
+    say(_format_top(sim.diff, args.top))
+    say(
+        f"[simulate] SAE diff: nChanged={sim.diff.summary['n_changed']} "
+        f"meanAbsDelta={sim.diff.summary['mean_abs_delta']:.6g}"
+    )
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     _quiet_library_loaders()
     from .demo.run import run_demo
@@ -349,6 +383,33 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--overwrite", action="store_true", help="write into a non-empty dir")
     capture.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     capture.set_defaults(run=_cmd_capture)
+
+    sim = commands.add_parser("simulate", help="forecast a fine-tune (NTK-linearised) and diff it")
+    sim.add_argument("--model", required=True, help="catalog slug or local model directory")
+    sim.add_argument(
+        "--data", required=True, help="JSONL of {instruction, response}, {text} or strings"
+    )
+    sim.add_argument("--lr", type=float, default=0.05, help="gradient-descent learning rate")
+    sim.add_argument("--steps", type=int, default=100)
+    sim.add_argument("--batch-size", type=int, default=8)
+    sim.add_argument("--layer", type=int, help="SAE layer (default: the catalog's)")
+    sim.add_argument("--sae", help="custom SAE instead of the public one")
+    sim.add_argument("--name", help="label for the synthetic checkpoint")
+    sim.add_argument("--output", help="synthetic checkpoint path (default simulations/<name>.pt)")
+    sim.add_argument(
+        "--params",
+        help="regex of parameter names to move (default: attention "
+        "and MLP weights of the blocks before the SAE layer)",
+    )
+    sim.add_argument(
+        "--exact-linear",
+        action="store_true",
+        help="T steps of GD on the linearised model (jvp/vjp) instead",
+    )
+    sim.add_argument("--curvature", choices=["fisher", "hutchinson"], default="fisher")
+    sim.add_argument("--top", type=int, default=10, help="rows in the printed table")
+    sim.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sim.set_defaults(run=_cmd_simulate)
 
     demo = commands.add_parser(
         "demo", help="fine-tune the embedded model with LoRA and diff it (offline)"
