@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--data", required=True, help="JSONL of {instruction, response}, {text} or strings"
     )
-    sim.add_argument("--lr", type=float, default=0.05, help="gradient-descent learning rate")
+    sim.add_argument("--lr", type=float, default=0.002, help="gradient-descent learning rate")
     sim.add_argument("--steps", type=int, default=100)
     sim.add_argument("--batch-size", type=int, default=8)
     sim.add_argument("--layer", type=int, help="SAE layer (default: the catalog's)")

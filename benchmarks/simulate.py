@@ -1,6 +1,6 @@
 """simulate against a real fine-tune on the embedded zoo: does the forecast name the same features?
 
-    python benchmarks/simulate.py [--lr 0.05] [--steps 100] [--batch-size 8] [--rows 200]
+    python benchmarks/simulate.py [--lr 0.002] [--steps 100] [--batch-size 8] [--rows 200]
 
 The real fine-tune is plain SGD on every parameter of tiny-gpt2 with the same
 learning rate, steps and batch size as the forecast, on the same cooking rows;
@@ -63,7 +63,7 @@ def compare(real, forecast, k: int = 20) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rows", type=int, default=200)
