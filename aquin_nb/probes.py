@@ -49,7 +49,7 @@ def load_prompts(
     if source is None:
         source = SHIPPED_PROBES
     if isinstance(source, (str, Path)):
-        items, where = _read_prompt_file(Path(source)), str(source)
+        items, where = read_json_items(Path(source)), str(source)
     else:
         items, where = list(source), "the prompt list"
     if not items:
@@ -57,24 +57,25 @@ def load_prompts(
     return [_to_text(item, index, where, tokenizer) for index, item in enumerate(items)]
 
 
-def _read_prompt_file(path: Path) -> list[Any]:
+def read_json_items(path: Path, what: str = "prompts file") -> list[Any]:
+    """Items of a JSON array or JSONL file, with errors that name the file and line."""
     if not path.is_file():
-        raise AquinError(f"prompts file {path} does not exist")
+        raise AquinError(f"{what} {path} does not exist")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
         raise AquinError(
-            f"prompts file {path} is not UTF-8 text (bad byte at offset {error.start})"
+            f"{what} {path} is not UTF-8 text (bad byte at offset {error.start})"
         ) from None
     stripped = text.strip()
     if not stripped:
-        raise AquinError(f"prompts file {path} is empty")
+        raise AquinError(f"{what} {path} is empty")
     if stripped.startswith("["):
         try:
             items = json.loads(stripped)
         except json.JSONDecodeError as error:
             raise AquinError(
-                f"prompts file {path} is not valid JSON: {error.msg} at line {error.lineno}"
+                f"{what} {path} is not valid JSON: {error.msg} at line {error.lineno}"
             ) from None
         return list(items)
     items = []
@@ -85,7 +86,7 @@ def _read_prompt_file(path: Path) -> list[Any]:
             items.append(json.loads(line))
         except json.JSONDecodeError as error:
             raise AquinError(
-                f"prompts file {path} line {line_number} is not valid JSON: {error.msg}"
+                f"{what} {path} line {line_number} is not valid JSON: {error.msg}"
             ) from None
     return items
 

@@ -75,26 +75,10 @@ class Simulation:
 
 def read_training_rows(source: Any) -> list[dict[str, str]]:
     """JSONL (or a list) of ``{"instruction", "response"}``, ``{"text"}`` or strings."""
-    import json
+    from .probes import read_json_items
 
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise AquinError(f"data file {path} does not exist")
-        try:
-            lines = path.read_bytes().decode("utf-8").splitlines()
-        except UnicodeDecodeError as error:
-            raise AquinError(f"data file {path} is not UTF-8 (byte {error.start})") from None
-        items = []
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise AquinError(
-                        f"data file {path} line {number} is not valid JSON: {error.msg}"
-                    ) from None
-        where = str(path)
+        items, where = read_json_items(Path(source), "data file"), str(source)
     else:
         items, where = list(source), "the data list"
     if not items:

@@ -224,27 +224,6 @@ def _training_sae(
     l1: float,
     k: int,
 ) -> Any:
-
-    from .saes import _quiet_processing_hint
-
-    normalize = "none" if init_from == "public" else "expected_average_only_in"
-    with _quiet_processing_hint():
-        return _build_training_sae(
-            architecture, d_in, d_sae, public, init_from, metadata, l1, k, normalize
-        )
-
-
-def _build_training_sae(
-    architecture: str,
-    d_in: int,
-    d_sae: int,
-    public: Any,
-    init_from: str,
-    metadata: Any,
-    l1: float,
-    k: int,
-    normalize: str,
-) -> Any:
     from sae_lens import (
         StandardTrainingSAE,
         StandardTrainingSAEConfig,
@@ -252,31 +231,37 @@ def _build_training_sae(
         TopKTrainingSAEConfig,
     )
 
-    if architecture == "standard":
-        cfg: Any = StandardTrainingSAEConfig(
-            d_in=d_in,
-            d_sae=d_sae,
-            l1_coefficient=l1,
-            normalize_activations=normalize,
-            metadata=metadata,
-        )
-        sae: Any = StandardTrainingSAE(cfg)
-    else:
-        cfg = TopKTrainingSAEConfig(
-            d_in=d_in, d_sae=d_sae, k=k, normalize_activations=normalize, metadata=metadata
-        )
-        sae = TopKTrainingSAE(cfg)
-    if init_from == "public":
-        if public.cfg.architecture() != architecture:
-            raise AquinError(
-                f"cannot warm-start a {architecture} SAE from the public "
-                f"{public.cfg.architecture()} SAE; use architecture={public.cfg.architecture()!r} "
-                f"or init_from='scratch'"
+    from .saes import _quiet_processing_hint
+
+    # A warm start keeps the public SAE's (already folded) scale; a fresh SAE
+    # learns one with SAELens's activation normalisation.
+    normalize = "none" if init_from == "public" else "expected_average_only_in"
+    with _quiet_processing_hint():
+        if architecture == "standard":
+            cfg: Any = StandardTrainingSAEConfig(
+                d_in=d_in,
+                d_sae=d_sae,
+                l1_coefficient=l1,
+                normalize_activations=normalize,
+                metadata=metadata,
             )
-        state = public.state_dict()
-        own = sae.state_dict()
-        sae.load_state_dict({key: state[key] if key in state else own[key] for key in own})
-    return sae
+            sae: Any = StandardTrainingSAE(cfg)
+        else:
+            cfg = TopKTrainingSAEConfig(
+                d_in=d_in, d_sae=d_sae, k=k, normalize_activations=normalize, metadata=metadata
+            )
+            sae = TopKTrainingSAE(cfg)
+        if init_from == "public":
+            if public.cfg.architecture() != architecture:
+                raise AquinError(
+                    f"cannot warm-start a {architecture} SAE from the public "
+                    f"{public.cfg.architecture()} SAE; use architecture={public.cfg.architecture()!r} "
+                    f"or init_from='scratch'"
+                )
+            state = public.state_dict()
+            own = sae.state_dict()
+            sae.load_state_dict({key: state[key] if key in state else own[key] for key in own})
+        return sae
 
 
 @torch.no_grad()

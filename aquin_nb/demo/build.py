@@ -20,6 +20,7 @@ import argparse
 import ast
 import gzip
 import json
+import logging
 import math
 import os
 import random
@@ -31,6 +32,8 @@ from pathlib import Path
 import torch
 
 from ..catalog import EMBEDDED_DIR
+
+logger = logging.getLogger("aquin_nb.demo.build")
 
 SEED = 0
 CONTEXT = 128
@@ -343,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--l1", type=float, default=3.0)
     parser.add_argument("--skip-model", action="store_true", help="reuse the trained model")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # deterministic BPE merges
     random.seed(SEED)
     torch.manual_seed(SEED)
@@ -360,22 +364,22 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tokenizer = build_tokenizer(docs, model_dir)
     windows = token_windows(docs, tokenizer, CONTEXT)
-    print(f"corpus: {len(docs)} docstrings, {windows.numel()} tokens")
+    logger.info(f"corpus: {len(docs)} docstrings, {windows.numel()} tokens")
     if not args.skip_model:
         loss = train_model(windows, len(tokenizer), model_dir, args.model_steps)
-        print(
+        logger.info(
             f"tiny-gpt2 held-out loss {loss:.3f} (uniform would be {math.log(len(tokenizer)):.2f})"
         )
     activations = collect_activations(model_dir, windows)
-    print(f"SAE activations: {tuple(activations.shape)}")
+    logger.info(f"SAE activations: {tuple(activations.shape)}")
     metrics = train_sae(activations, out, args.sae_steps, args.l1)
-    print(f"SAE held-out: {json.dumps(metrics)}")
+    logger.info(f"SAE held-out: {json.dumps(metrics)}")
     rng = random.Random(SEED)
     with open(out / "finetune.jsonl", "w", encoding="utf-8") as handle:
         for row in finetune_rows(400, rng):
             handle.write(json.dumps(row) + "\n")
     (out / "probes.json").write_text(json.dumps(PROBES, indent=1) + "\n", encoding="utf-8")
-    print(f"artifacts rebuilt in {out} in {time.time() - started:.0f}s")
+    logger.info(f"artifacts rebuilt in {out} in {time.time() - started:.0f}s")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,13 @@ FINETUNE_DATA = EMBEDDED_DIR / "finetune.jsonl"
 
 
 def read_rows(path: str | Path) -> list[dict[str, str]]:
-    """``{"instruction", "response"}`` rows from a JSONL file."""
-    rows = []
-    for line_number, line in enumerate(Path(path).read_text("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    """``{"instruction", "response"}`` rows from a JSON or JSONL file."""
+    from ..probes import read_json_items
+
+    rows = read_json_items(Path(path), "fine-tuning data")
+    for index, row in enumerate(rows):
         if not isinstance(row, dict) or not row.get("instruction") or not row.get("response"):
-            raise AquinError(f"{path} line {line_number}: expected instruction and response")
-        rows.append(row)
+            raise AquinError(f"{path} row {index}: expected instruction and response")
     if not rows:
         raise AquinError(f"{path} holds no rows")
     return rows
