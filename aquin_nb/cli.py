@@ -58,6 +58,14 @@ def _format_top(diff: Any, k: int) -> str:
     return table.to_string(index=False, float_format=lambda value: f"{value:.4g}")
 
 
+def _maybe_html(args: argparse.Namespace, result: Any) -> None:
+    """``--html FILE``: the result's static card as one self-contained page."""
+    if getattr(args, "html", None):
+        from .cards import write_report
+
+        say(f"wrote {write_report(args.html, [result])}")
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from .catalog import CATALOG
 
@@ -103,6 +111,7 @@ def _cmd_sae_diff(args: argparse.Namespace) -> None:
     say(_format_top(diff, args.top))
     if args.output:
         say(f"\nwrote {diff.to_json(args.output)}")
+    _maybe_html(args, diff)
 
 
 def _format_align(align: Any, k: int) -> str:
@@ -138,6 +147,7 @@ def _cmd_sae_align(args: argparse.Namespace) -> None:
     say(_format_align(align, args.top))
     if args.output:
         say(f"\nwrote {align.to_json(args.output)}")
+    _maybe_html(args, align)
 
 
 def _cmd_capture(args: argparse.Namespace) -> None:
@@ -166,6 +176,7 @@ def _cmd_capture(args: argparse.Namespace) -> None:
     else:
         say(f"[capture] {capture!r}")
         say(f"wrote {capture.directory / 'manifest.json'}")
+    _maybe_html(args, capture)
 
 
 def _format_trained(trained: Any, k: int) -> str:
@@ -217,6 +228,7 @@ def _cmd_sae_train(args: argparse.Namespace) -> None:
     say(_format_trained(trained, args.top))
     if args.json:
         say(f"wrote {trained.to_json(args.json)}")
+    _maybe_html(args, trained)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> None:
@@ -247,6 +259,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     )
     say(f"[simulate] synthetic checkpoint {s['checkpoint']}")
     say(_format_top(sim.diff, args.top))
+    _maybe_html(args, sim.diff)
     say(
         f"[simulate] SAE diff: nChanged={sim.diff.summary['n_changed']} "
         f"meanAbsDelta={sim.diff.summary['mean_abs_delta']:.6g}"
@@ -325,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diff.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     diff.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    diff.add_argument("--html", help="also write the result's card as a self-contained HTML page")
     diff.set_defaults(run=_cmd_sae_diff)
 
     train = sae_verbs.add_parser("train", help="train a temporary SAE on a checkpoint")
@@ -346,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", help="also write the TrainedSae result JSON here")
     train.add_argument("--top", type=int, default=10, help="rotated features shown")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--html", help="also write the result's card as a self-contained HTML page")
     train.set_defaults(run=_cmd_sae_train)
 
     align = sae_verbs.add_parser("align", help="Hungarian matching of two SAEs' decoder directions")
@@ -359,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--output", help="write the full pair map as JSON here")
     align.add_argument("--top", type=int, default=10, help="pairs shown at each end")
     align.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    align.add_argument("--html", help="also write the result's card as a self-contained HTML page")
     align.set_defaults(run=_cmd_sae_align)
 
     capture = commands.add_parser("capture", help="write residual activations to disk")
@@ -382,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--output-json", action="store_true", help="print the result as JSON")
     capture.add_argument("--overwrite", action="store_true", help="write into a non-empty dir")
     capture.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    capture.add_argument(
+        "--html", help="also write the result's card as a self-contained HTML page"
+    )
     capture.set_defaults(run=_cmd_capture)
 
     sim = commands.add_parser("simulate", help="forecast a fine-tune (NTK-linearised) and diff it")
@@ -409,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--curvature", choices=["fisher", "hutchinson"], default="fisher")
     sim.add_argument("--top", type=int, default=10, help="rows in the printed table")
     sim.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sim.add_argument("--html", help="also write the result's card as a self-contained HTML page")
     sim.set_defaults(run=_cmd_simulate)
 
     demo = commands.add_parser(

@@ -53,6 +53,7 @@ def sae_diff_spec(diff: Any) -> dict[str, Any]:
         "delta",
         "base_freq",
         "checkpoint_freq",
+        "p_value",
         "q_value",
         "changed",
     ]

@@ -42,6 +42,26 @@ def test_sae_diff_prints_and_writes_json(capsys, tmp_path, planted_pt, planted_f
     assert payload["features"]["feature"][0] == planted_feature
 
 
+def test_html_flag_writes_the_card(capsys, tmp_path, copy_pt):
+    page = tmp_path / "card.html"
+    code, out, err = run_cli(
+        capsys,
+        "sae",
+        "diff",
+        "--model",
+        "tiny-gpt2",
+        "--checkpoint",
+        str(copy_pt),
+        "--html",
+        str(page),
+        "-q",
+    )
+    assert code == 0, err
+    html = page.read_text()
+    assert html.startswith("<!doctype html>") and 'data-kind="sae_diff"' in html
+    assert "<th>p_value</th>" in html
+
+
 def _bad_inputs(tmp_path, copy_pt):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(copy_pt.read_bytes()[:5000])
