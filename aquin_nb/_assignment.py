@@ -157,7 +157,60 @@ def _duals(
     return None
 
 
-def _price_rows(
+@dataclass
+class _Pricing:
+    """One pricing pass: edges to add, and per row a lower bound on the reduced cost
+    of every edge outside the candidate set. ``before`` counts the edges being
+    added (for this round's gap bound); ``after`` leaves them out (rows with
+    ``after < 0`` still have violating edges and must be priced in full again)."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    before: np.ndarray
+    after: np.ndarray
+
+
+def _candidate_index(edge_rows: np.ndarray, edge_cols: np.ndarray, n_rows: int):
+    order = np.argsort(edge_rows, kind="stable")
+    return edge_cols[order], np.searchsorted(edge_rows[order], np.arange(n_rows + 1))
+
+
+def _price_block(
+    reduced: torch.Tensor,
+    chunk: np.ndarray,
+    column_ids: np.ndarray,
+    candidates: tuple[np.ndarray, np.ndarray],
+    column_position: np.ndarray,
+    add_per_row: int,
+    pricing: _Pricing,
+    found: tuple[list, list],
+) -> None:
+    """Mask candidate edges in a [rows, columns] block of reduced costs, pick violators."""
+    cols_by_row, indptr = candidates
+    width = reduced.shape[1]
+    counts = indptr[chunk + 1] - indptr[chunk]
+    offsets = np.repeat(np.arange(len(chunk)), counts)
+    positions = np.concatenate([np.arange(indptr[r], indptr[r + 1]) for r in chunk])
+    where = column_position[cols_by_row[positions]]
+    inside = (where >= 0) & (where < width)
+    # Candidate edges satisfy the duals already (reduced cost >= 0): mask them.
+    reduced[torch.as_tensor(offsets[inside]), torch.as_tensor(where[inside])] = math.inf
+    take = min(add_per_row + 1, width)
+    values, index = reduced.topk(take, dim=1, largest=False)
+    values64 = values.double().numpy()
+    adds = min(add_per_row, take)
+    violating = values64[:, :adds] < -FP32_ERROR
+    found[0].append(np.repeat(chunk, adds).reshape(len(chunk), adds)[violating])
+    found[1].append(column_ids[index[:, :adds].numpy()][violating])
+    pricing.before[chunk] = np.minimum(pricing.before[chunk], values64[:, 0] - FP32_ERROR)
+    n_added = violating.sum(1)
+    rest = np.full(len(chunk), np.inf)
+    has_rest = n_added < take
+    rest[has_rest] = values64[has_rest, n_added[has_rest]]
+    pricing.after[chunk] = np.minimum(pricing.after[chunk], rest - FP32_ERROR)
+
+
+def _price(
     a: torch.Tensor,
     b: torch.Tensor,
     u: np.ndarray,
@@ -167,72 +220,72 @@ def _price_rows(
     edge_cols: np.ndarray,
     add_per_row: int,
     progress: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows: np.ndarray | None = None,
+    raised: np.ndarray | None = None,
+) -> _Pricing:
     """Exact reduced costs ``2 - cos_ij - u_i - v_j`` of edges outside the candidate set.
 
-    Outside its candidates row i has ``cos_ij <= threshold_i``, so only columns with
-    ``v_j > 2 - u_i - threshold_i`` can have a negative reduced cost. Sorting the
-    columns by ``v`` makes those a prefix, and each row is priced against its
-    prefix only (rows with an empty prefix are certified without any work).
-
-    Returns new edges (row, col) with negative reduced cost (the most negative
-    ``add_per_row`` per row) and, per row, a lower bound (<= 0) on the reduced
-    cost of every edge outside the candidate set, for the gap bound.
+    Full pricing (``rows``, all rows by default): outside its candidates row i has
+    ``cos_ij <= threshold_i``, so only columns with ``v_j > 2 - u_i - threshold_i``
+    can have a negative reduced cost; sorting the columns by ``v`` makes those a
+    prefix, and each row is priced against its prefix only. ``raised``: every row
+    against those columns only. Between rounds the potentials only fall for rows
+    (warm-started Bellman-Ford), so an edge certified earlier can only have lost
+    its certificate through a column whose potential rose.
     """
     n_rows, n_cols = len(a), len(b)
+    pricing = _Pricing(
+        np.empty(0, np.int64), np.empty(0, np.int64), np.zeros(n_rows), np.zeros(n_rows)
+    )
+    candidates = _candidate_index(edge_rows, edge_cols, n_rows)
+    found: tuple[list, list] = ([np.empty(0, np.int64)], [np.empty(0, np.int64)])
+    u32 = torch.as_tensor(u, dtype=torch.float32)
+    if raised is not None and len(raised):
+        position = np.full(n_cols, -1, dtype=np.int64)
+        position[raised] = np.arange(len(raised))
+        b_raised = b[torch.as_tensor(raised)].T.contiguous()
+        v_raised = torch.as_tensor(v[raised], dtype=torch.float32)
+        block = _row_block(len(raised))
+        for start in range(0, n_rows, block):
+            chunk = np.arange(start, min(start + block, n_rows))
+            reduced = 2.0 - a[start : start + block] @ b_raised
+            reduced -= u32[start : start + block, None]
+            reduced -= v_raised[None, :]
+            _price_block(reduced, chunk, raised, candidates, position, add_per_row, pricing, found)
     order = np.argsort(-v, kind="stable")
     rank = np.empty(n_cols, dtype=np.int64)
     rank[order] = np.arange(n_cols)
     sorted_v = v[order]
-    # prefix length per row: columns with v_j > 2 - u_i - threshold_i
     limit = 2.0 - u - threshold
     prefix = np.searchsorted(-sorted_v, -limit, side="left")
-    lowest = np.zeros(n_rows, dtype=np.float64)
-    rows_to_price = np.nonzero(prefix > 0)[0]
-    rows_to_price = rows_to_price[np.argsort(prefix[rows_to_price], kind="stable")]
-    if len(rows_to_price) == 0:
-        empty = np.empty(0, dtype=np.int64)
-        return empty, empty, lowest
-    order_by_row = np.argsort(edge_rows, kind="stable")
-    cols_by_row = edge_cols[order_by_row]
-    indptr = np.searchsorted(edge_rows[order_by_row], np.arange(n_rows + 1))
-    b_sorted = b[torch.as_tensor(order)]
+    chosen = np.arange(n_rows) if rows is None else rows
+    to_price = chosen[prefix[chosen] > 0]
+    to_price = to_price[np.argsort(prefix[to_price], kind="stable")]
+    b_sorted = b[torch.as_tensor(order)] if len(to_price) else b
     v_sorted = torch.as_tensor(sorted_v, dtype=torch.float32)
-    new_rows, new_cols = [], []
-    bar = tqdm(total=len(rows_to_price), desc="align: pricing", disable=not progress, unit="row")
+    bar = tqdm(total=len(to_price), desc="align: pricing", disable=not progress, unit="row")
     start = 0
-    while start < len(rows_to_price):
-        remaining = len(rows_to_price) - start
-        first_guess = min(_row_block(int(prefix[rows_to_price[start]])), remaining)
+    while start < len(to_price):
+        remaining = len(to_price) - start
+        first_guess = min(_row_block(int(prefix[to_price[start]])), remaining)
         # Rows are sorted by prefix length, so the guess's last row bounds the width.
-        block = min(_row_block(int(prefix[rows_to_price[start + first_guess - 1]])), remaining)
-        chunk = rows_to_price[start : start + block]
-        width = int(prefix[chunk[-1]])  # rows are sorted by prefix length
+        block = min(_row_block(int(prefix[to_price[start + first_guess - 1]])), remaining)
+        chunk = to_price[start : start + block]
+        width = int(prefix[chunk[-1]])
         reduced = 2.0 - a[torch.as_tensor(chunk)] @ b_sorted[:width].T
-        reduced -= torch.as_tensor(u[chunk], dtype=torch.float32)[:, None]
+        reduced -= u32[torch.as_tensor(chunk)][:, None]
         reduced -= v_sorted[None, :width]
         beyond = torch.as_tensor(prefix[chunk])[:, None] <= torch.arange(width)[None, :]
         reduced[beyond] = math.inf  # outside this row's prefix: provably >= 0
-        # Candidate edges are priced already (their reduced cost is >= 0): mask them.
-        counts = indptr[chunk + 1] - indptr[chunk]
-        offsets = np.repeat(np.arange(len(chunk)), counts)
-        positions = np.concatenate([np.arange(indptr[r], indptr[r + 1]) for r in chunk])
-        ranks = rank[cols_by_row[positions]]
-        inside = ranks < width
-        reduced[torch.as_tensor(offsets[inside]), torch.as_tensor(ranks[inside])] = math.inf
-        take = min(add_per_row, width)
-        values, index = reduced.topk(take, dim=1, largest=False)
-        violating = (values < -FP32_ERROR).numpy()
-        picked_rows = np.repeat(chunk, take).reshape(len(chunk), take)
-        new_rows.append(picked_rows[violating])
-        new_cols.append(order[index.numpy()][violating])
-        # The bound for this round's matching covers every edge outside its
-        # candidate set, the ones being added included.
-        lowest[chunk] = np.minimum(values[:, 0].double().numpy() - FP32_ERROR, 0.0)
+        _price_block(reduced, chunk, order, candidates, rank, add_per_row, pricing, found)
         bar.update(len(chunk))
         start += block
     bar.close()
-    return np.concatenate(new_rows), np.concatenate(new_cols), lowest
+    new_rows, new_cols = np.concatenate(found[0]), np.concatenate(found[1])
+    pairs = np.unique(new_rows * n_cols + new_cols)
+    pricing.rows, pricing.cols = pairs // n_cols, pairs % n_cols
+    pricing.before = np.minimum(pricing.before, 0.0)
+    return pricing
 
 
 def sparse_assignment(
@@ -260,6 +313,8 @@ def sparse_assignment(
 
     square = n_rows == n_cols
     duals: tuple[np.ndarray, np.ndarray] | None = None
+    previous_v: np.ndarray | None = None
+    after = after_floor = np.zeros(n_rows)
     gap: float | None = None
     rounds = 0
     while True:
@@ -274,19 +329,41 @@ def sparse_assignment(
             gap = max(0.0, upper_bound - total) if gap is None else gap
             break
         u, v = duals
-        new_rows, new_cols, lowest = _price_rows(
-            a, b, u, v, threshold, edge_rows, edge_cols, k, progress
-        )
-        logger.info("align round %d: total %.6f, %d edges to add", rounds, total, len(new_rows))
-        round_gap = float(-lowest.sum())
+        if previous_v is None:
+            pricing = _price(a, b, u, v, threshold, edge_rows, edge_cols, k, progress)
+        else:
+            # Only rows left with violators, and columns whose potential rose, can
+            # hold a negative reduced cost that the last pricing did not see.
+            raised = np.nonzero(v > previous_v + 1e-12)[0]
+            unfinished = np.nonzero(after < 0)[0]
+            pricing = _price(
+                a,
+                b,
+                u,
+                v,
+                threshold,
+                edge_rows,
+                edge_cols,
+                k,
+                progress,
+                rows=unfinished,
+                raised=raised,
+            )
+            pricing.before = np.minimum(pricing.before, np.minimum(after_floor, 0.0))
+        logger.info("align round %d: total %.6f, %d edges to add", rounds, total, len(pricing.rows))
+        round_gap = float(-pricing.before.sum())
         gap = round_gap if gap is None else min(gap, round_gap)
-        if len(new_rows) == 0 or rounds >= max_rounds:
-            if len(new_rows) == 0:
-                gap = 0.0
+        if len(pricing.rows) == 0:
+            gap = 0.0
             break
-        edge_rows = np.concatenate([edge_rows, new_rows])
-        edge_cols = np.concatenate([edge_cols, new_cols])
-        edge_cos = np.concatenate([edge_cos, pair_cosines(a, b, new_rows, new_cols)])
+        if rounds >= max_rounds:
+            break
+        previous_v = v
+        after = pricing.after
+        after_floor = np.where(np.isfinite(after), after, 0.0)
+        edge_rows = np.concatenate([edge_rows, pricing.rows])
+        edge_cols = np.concatenate([edge_cols, pricing.cols])
+        edge_cos = np.concatenate([edge_cos, pair_cosines(a, b, pricing.rows, pricing.cols)])
         edge_rows, edge_cols, edge_cos = _unique_edges(edge_rows, edge_cols, edge_cos, n_cols)
     cosine = pair_cosines(a, b, rows, cols, exact=True)
     return Assignment(rows, cols, cosine, "sparse", gap == 0.0, gap, rounds)
