@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 BF16_ERROR = 0.01
 # float32 dot products of unit vectors in d <= 16k dimensions.
 FP32_ERROR = 1e-5
+NEAR_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class _Pricing:
     cols: np.ndarray
     before: np.ndarray
     after: np.ndarray
+    violations: int = 0
 
 
 def _candidate_index(edge_rows: np.ndarray, edge_cols: np.ndarray, n_rows: int):
@@ -200,10 +202,14 @@ def _price_block(
     values64 = values.double().numpy()
     adds = min(add_per_row, take)
     violating = values64[:, :adds] < -FP32_ERROR
-    found[0].append(np.repeat(chunk, adds).reshape(len(chunk), adds)[violating])
-    found[1].append(column_ids[index[:, :adds].numpy()][violating])
+    # Edges that are nearly violating join too: the next duals move a little, and
+    # having them already saves a round.
+    added = values64[:, :adds] < NEAR_MARGIN
+    found[0].append(np.repeat(chunk, adds).reshape(len(chunk), adds)[added])
+    found[1].append(column_ids[index[:, :adds].numpy()][added])
+    pricing.violations += int(violating.sum())
     pricing.before[chunk] = np.minimum(pricing.before[chunk], values64[:, 0] - FP32_ERROR)
-    n_added = violating.sum(1)
+    n_added = added.sum(1)
     rest = np.full(len(chunk), np.inf)
     has_rest = n_added < take
     rest[has_rest] = values64[has_rest, n_added[has_rest]]
@@ -240,47 +246,41 @@ def _price(
     candidates = _candidate_index(edge_rows, edge_cols, n_rows)
     found: tuple[list, list] = ([np.empty(0, np.int64)], [np.empty(0, np.int64)])
     u32 = torch.as_tensor(u, dtype=torch.float32)
-    if raised is not None and len(raised):
-        position = np.full(n_cols, -1, dtype=np.int64)
-        position[raised] = np.arange(len(raised))
-        b_raised = b[torch.as_tensor(raised)].T.contiguous()
-        v_raised = torch.as_tensor(v[raised], dtype=torch.float32)
-        block = _row_block(len(raised))
-        for start in range(0, n_rows, block):
-            chunk = np.arange(start, min(start + block, n_rows))
-            reduced = 2.0 - a[start : start + block] @ b_raised
-            reduced -= u32[start : start + block, None]
-            reduced -= v_raised[None, :]
-            _price_block(reduced, chunk, raised, candidates, position, add_per_row, pricing, found)
-    order = np.argsort(-v, kind="stable")
-    rank = np.empty(n_cols, dtype=np.int64)
-    rank[order] = np.arange(n_cols)
-    sorted_v = v[order]
     limit = 2.0 - u - threshold
-    prefix = np.searchsorted(-sorted_v, -limit, side="left")
-    chosen = np.arange(n_rows) if rows is None else rows
-    to_price = chosen[prefix[chosen] > 0]
-    to_price = to_price[np.argsort(prefix[to_price], kind="stable")]
-    b_sorted = b[torch.as_tensor(order)] if len(to_price) else b
-    v_sorted = torch.as_tensor(sorted_v, dtype=torch.float32)
-    bar = tqdm(total=len(to_price), desc="align: pricing", disable=not progress, unit="row")
-    start = 0
-    while start < len(to_price):
-        remaining = len(to_price) - start
-        first_guess = min(_row_block(int(prefix[to_price[start]])), remaining)
-        # Rows are sorted by prefix length, so the guess's last row bounds the width.
-        block = min(_row_block(int(prefix[to_price[start + first_guess - 1]])), remaining)
-        chunk = to_price[start : start + block]
-        width = int(prefix[chunk[-1]])
-        reduced = 2.0 - a[torch.as_tensor(chunk)] @ b_sorted[:width].T
-        reduced -= u32[torch.as_tensor(chunk)][:, None]
-        reduced -= v_sorted[None, :width]
-        beyond = torch.as_tensor(prefix[chunk])[:, None] <= torch.arange(width)[None, :]
-        reduced[beyond] = math.inf  # outside this row's prefix: provably >= 0
-        _price_block(reduced, chunk, order, candidates, rank, add_per_row, pricing, found)
-        bar.update(len(chunk))
-        start += block
-    bar.close()
+    passes = [(np.arange(n_rows) if rows is None else rows, np.arange(n_cols))]
+    if raised is not None and len(raised):
+        passes.append((np.arange(n_rows), raised))
+    for pass_rows, columns in passes:
+        # Columns sorted by potential: row i only needs those with v_j > limit_i, a prefix.
+        order = columns[np.argsort(-v[columns], kind="stable")]
+        position = np.full(n_cols, -1, dtype=np.int64)
+        position[order] = np.arange(len(order))
+        sorted_v = v[order]
+        prefix = np.searchsorted(-sorted_v, -limit, side="left")
+        to_price = pass_rows[prefix[pass_rows] > 0]
+        to_price = to_price[np.argsort(prefix[to_price], kind="stable")]
+        if len(to_price) == 0:
+            continue
+        b_sorted = b[torch.as_tensor(order)]
+        v_sorted = torch.as_tensor(sorted_v, dtype=torch.float32)
+        bar = tqdm(total=len(to_price), desc="align: pricing", disable=not progress, unit="row")
+        start = 0
+        while start < len(to_price):
+            remaining = len(to_price) - start
+            first_guess = min(_row_block(int(prefix[to_price[start]])), remaining)
+            # Rows are sorted by prefix length, so the guess's last row bounds the width.
+            block = min(_row_block(int(prefix[to_price[start + first_guess - 1]])), remaining)
+            chunk = to_price[start : start + block]
+            width = int(prefix[chunk[-1]])
+            reduced = 2.0 - a[torch.as_tensor(chunk)] @ b_sorted[:width].T
+            reduced -= u32[torch.as_tensor(chunk)][:, None]
+            reduced -= v_sorted[None, :width]
+            beyond = torch.as_tensor(prefix[chunk])[:, None] <= torch.arange(width)[None, :]
+            reduced[beyond] = math.inf  # outside this row's prefix: provably >= 0
+            _price_block(reduced, chunk, order, candidates, position, add_per_row, pricing, found)
+            bar.update(len(chunk))
+            start += block
+        bar.close()
     new_rows, new_cols = np.concatenate(found[0]), np.concatenate(found[1])
     pairs = np.unique(new_rows * n_cols + new_cols)
     pricing.rows, pricing.cols = pairs // n_cols, pairs % n_cols
@@ -353,8 +353,8 @@ def sparse_assignment(
         logger.info("align round %d: total %.6f, %d edges to add", rounds, total, len(pricing.rows))
         round_gap = float(-pricing.before.sum())
         gap = round_gap if gap is None else min(gap, round_gap)
-        if len(pricing.rows) == 0:
-            gap = 0.0
+        if pricing.violations == 0:
+            gap = 0.0  # every edge outside the candidates has reduced cost >= 0
             break
         if rounds >= max_rounds:
             break
