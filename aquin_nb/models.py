@@ -53,6 +53,10 @@ def load_hf_model(
 
     source, label = resolve_model_source(slug_or_path)
     local = Path(source).is_dir()
+    if not local and not _cached(source):
+        from ._hub import require_hub
+
+        require_hub(f"model {source}")
     try:
         # Eager attention matches the bridge, which forces it for hook access.
         model = AutoModelForCausalLM.from_pretrained(
@@ -66,6 +70,15 @@ def load_hf_model(
         ) from None
     model.eval()
     return model, tokenizer, label
+
+
+def _cached(repo_id: str) -> bool:
+    """Whether the hub model's config is in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def apply_checkpoint(model: PreTrainedModel, checkpoint: str | Path) -> PreTrainedModel:

@@ -215,6 +215,14 @@ def _from_registry(release: str, sae_id: str, device: str) -> SAE[Any]:
         raise AquinError(f"unknown SAELens release {release!r}")
     if sae_id not in directory[release].saes_map:
         raise AquinError(f"release {release} has no SAE with id {sae_id!r}")
+    from ._hub import hub_reachable, require_hub
+
+    if not hub_reachable():
+        try:  # offline: the local cache may still hold it
+            with _quiet_processing_hint(), _offline():
+                return SAE.from_pretrained(release, sae_id, device=device)
+        except Exception:  # not cached
+            require_hub(f"SAE {release}:{sae_id}")
     try:
         with _quiet_processing_hint():
             return SAE.from_pretrained(release, sae_id, device=device)
@@ -233,6 +241,19 @@ def check_sae_fits(sae: Any, d_model: int, n_layers: int, layer: int, model_labe
         raise AquinError(
             f"layer {layer} is out of range: {model_label} has {n_layers} layers (0-{n_layers - 1})"
         )
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """Cache-only hub access for one call (huggingface_hub reads this flag per request)."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 @contextlib.contextmanager

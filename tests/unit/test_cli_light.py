@@ -35,3 +35,15 @@ def test_models_lists_the_catalog(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert out.index("tiny-gpt2") < out.index("gpt2-small") and "llama-3.1-8b" in out
+
+
+def test_pull_sae_offline_says_so_in_one_line(capsys, monkeypatch):
+    monkeypatch.setattr("aquin_nb._hub.hub_reachable", lambda host="huggingface.co": False)
+    assert main(["pull", "sae", "gpt2-small"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "huggingface.co is unreachable (offline?)" in err
+
+
+def test_pull_sae_of_the_embedded_model_works_offline(capsys):
+    assert main(["pull", "sae", "tiny-gpt2"]) == 0
+    assert "ships with aquin_nb (d_in 192, d_sae 1536)" in capsys.readouterr().out
