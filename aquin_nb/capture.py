@@ -21,7 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from ._activations import context_length, prepare_bridge, token_batches, tokenize_prompts
+from ._activations import (
+    context_length,
+    prepare_bridge,
+    read_hook_plan,
+    token_batches,
+    tokenize_prompts,
+)
 from ._errors import AquinError
 from ._io import atomic_torch_save, atomic_write_json
 from ._results import mimebundle
@@ -248,8 +254,6 @@ def capture_activations(
         prepend_bos=first.prepend_bos,
         max_length=context_length(bridge, first),
     )
-    from ._activations import read_hook_plan
-
     plans = {layer: read_hook_plan(numerics[layer].hook_name) for layer in chosen}
     stop_at = max(stop for _, stop in plans.values())
     names = sorted({read_name for read_name, _ in plans.values()})

@@ -127,10 +127,10 @@ def test_corpus_activations_are_cached_for_the_next_run(tmp_path, monkeypatch):
 
 
 def test_interrupted_training_still_leaves_a_usable_sae(tmp_path, monkeypatch):
-    from aquin_nb import train
+    from aquin_nb import _train_data
 
     calls = {"n": 0}
-    original = train._Batches.__next__
+    original = _train_data.Batches.__next__
 
     def interrupt_after_five(self):
         calls["n"] += 1
@@ -138,7 +138,7 @@ def test_interrupted_training_still_leaves_a_usable_sae(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self)
 
-    monkeypatch.setattr(train._Batches, "__next__", interrupt_after_five)
+    monkeypatch.setattr(_train_data.Batches, "__next__", interrupt_after_five)
     trained = sae_train("tiny-gpt2", 2, steps=50, batch_size=256, output=tmp_path, progress=False)
     assert trained.summary["interrupted"] is True
     assert 0 < trained.summary["steps"] < 50

@@ -75,7 +75,7 @@ def test_cli_streams_the_summary_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     "rows,flags,message",
     [
-        ([], [], "holds no training rows"),
+        ([], [], "is empty"),
         ([{"instruction": "q"}], [], "no response"),
         (ROWS[:2], ["--lr", "nan"], "lr must be a finite"),
         (ROWS[:2], ["--params", "nothing_matches_this"], "matches no parameter"),

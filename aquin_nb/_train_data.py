@@ -1,0 +1,123 @@
+"""Activation data for sae_train: the shipped corpus, a model's residuals, a capture."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._activations import (
+    context_length,
+    prepare_bridge,
+    residual,
+    token_batches,
+    tokenize_prompts,
+)
+from ._errors import AquinError
+from ._io import atomic_torch_save
+from .capture import Capture, read_shard
+from .catalog import EMBEDDED_DIR
+from .probes import load_prompts
+
+logger = logging.getLogger(__name__)
+
+
+def corpus_windows(tokenizer: Any, prepend_bos: bool, max_length: int) -> list[list[int]]:
+    """The shipped corpus as a token stream cut into context-sized windows (no truncation)."""
+    with gzip.open(EMBEDDED_DIR / "corpus.txt.gz", "rt", encoding="utf-8") as handle:
+        texts = [text for text in handle.read().split("\n\n") if text.strip()]
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(tokenizer.eos_token_id)
+    bos = [tokenizer.bos_token_id] if prepend_bos else []
+    width = max_length - len(bos)
+    return [bos + stream[start : start + width] for start in range(0, len(stream) - width, width)]
+
+
+def collect_from_model(
+    model: str,
+    checkpoint: Any,
+    layer: int,
+    prompts: Any,
+    numerics: Any,
+    cache_dir: Path,
+    max_tokens: int,
+    d_model: int,
+    progress: bool,
+) -> torch.Tensor:
+    """Residual activations at the SAE's hook, cached in ``cache_dir`` chunk by chunk."""
+    from tqdm.auto import tqdm
+
+    from .models import load_model
+
+    done = sorted(cache_dir.glob("chunk_*.pt")) if cache_dir.is_dir() else []
+    if done:
+        cached = torch.cat([read_shard(path, d_model)["activations"] for path in done])
+        if len(cached) >= max_tokens:
+            logger.info("reusing %d cached activations from %s", len(cached), cache_dir)
+            return cached[:max_tokens]
+    bridge = load_model(model, checkpoint)
+    prepare_bridge(bridge, numerics)
+    max_length = context_length(bridge, numerics)
+    if prompts is not None:
+        texts = load_prompts(prompts, bridge.tokenizer)
+        token_lists = tokenize_prompts(
+            bridge.tokenizer, texts, prepend_bos=numerics.prepend_bos, max_length=max_length
+        )
+    else:
+        token_lists = corpus_windows(bridge.tokenizer, numerics.prepend_bos, max_length)
+    chunks, collected, index = [], 0, 0
+    bar = tqdm(total=max_tokens, desc=f"collect layer {layer}", disable=not progress, unit="tok")
+    with torch.no_grad():
+        for batch in token_batches(token_lists, batch_size=32, skip_first=numerics.prepend_bos):
+            acts = (
+                residual(bridge, batch.tokens, numerics.hook_name)[
+                    batch.mask.to(next(bridge.original_model.parameters()).device)
+                ]
+                .float()
+                .cpu()
+            )
+            atomic_torch_save(cache_dir / f"chunk_{index:05d}.pt", {"activations": acts})
+            chunks.append(acts)
+            index += 1
+            collected += len(acts)
+            bar.update(len(acts))
+            if collected >= max_tokens:
+                break
+    bar.close()
+    return torch.cat(chunks)[:max_tokens]
+
+
+def collect_from_capture(directory: Path, layer: int, d_model: int) -> torch.Tensor:
+    capture = Capture.open(directory)
+    if capture.summary["d_model"] != d_model:
+        raise AquinError(
+            f"activations in {directory} are {capture.summary['d_model']} wide, "
+            f"but the model's d_model is {d_model}"
+        )
+    if capture.summary["position"] != "all":
+        logger.warning(
+            "training on %s-pooled activations from %s", capture.summary["position"], directory
+        )
+    return capture.load_layer(layer)
+
+
+class Batches:
+    """An endless, seeded, shuffled stream of activation batches for SAETrainer."""
+
+    def __init__(self, activations: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.activations = activations
+        self.batch_size = min(batch_size, len(activations))
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        index = torch.randint(len(self.activations), (self.batch_size,), generator=self.generator)
+        return self.activations[index]
