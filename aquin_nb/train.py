@@ -287,7 +287,15 @@ def sae_train(
     order = torch.randperm(len(data), generator=generator)
     n_held = max(10, len(data) // 10)
     held_out, train = data[order[:n_held]], data[order[n_held:]]
-    total_steps = steps or max(1, budget // batch_size)
+    effective_batch = min(batch_size, len(train))
+    total_steps = steps or max(1, budget // effective_batch)
+    if len(train) < 20 * effective_batch and total_steps * effective_batch > 5 * len(train):
+        logger.warning(
+            "training on only %d activations for %d steps: the temporary SAE will overfit; "
+            "capture more prompts or train on the corpus",
+            len(train),
+            total_steps,
+        )
 
     metadata = SAEMetadata(
         model_name=label,
@@ -302,8 +310,8 @@ def sae_train(
         architecture, d_model, d_sae, public, init_from, metadata, l1_coefficient, k
     )
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=total_steps * batch_size,
-        train_batch_size_samples=batch_size,
+        total_training_samples=total_steps * effective_batch,
+        train_batch_size_samples=effective_batch,
         lr=lr,
         lr_end=lr / 10,
         lr_warm_up_steps=min(50, total_steps // 10),
@@ -312,7 +320,7 @@ def sae_train(
         feature_sampling_window=max(100, total_steps // 2),
     )
     trainer = _recording_trainer_class()(
-        cfg=trainer_cfg, sae=sae, data_provider=Batches(train, batch_size, seed)
+        cfg=trainer_cfg, sae=sae, data_provider=Batches(train, effective_batch, seed)
     )
     interrupted = False
     try:
@@ -419,8 +427,8 @@ def _recording_trainer_class() -> type:
             self.losses.append(
                 (
                     self.n_training_steps,
-                    float(output.loss),
-                    float(mse) if mse is not None else float("nan"),
+                    output.loss.item(),
+                    mse.item() if mse is not None else float("nan"),
                 )
             )
             return output
