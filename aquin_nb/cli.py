@@ -44,16 +44,9 @@ def _format_summary(summary: dict[str, Any]) -> str:
 
 
 def _format_top(diff: Any, k: int) -> str:
-    columns = [
-        "feature",
-        "base",
-        "checkpoint",
-        "delta",
-        "base_freq",
-        "checkpoint_freq",
-        "q_value",
-        "changed",
-    ]
+    from .diff import DISPLAY_COLUMNS
+
+    columns = list(DISPLAY_COLUMNS)
     table = diff.top(k)[columns]
     return table.to_string(index=False, float_format=lambda value: f"{value:.4g}")
 

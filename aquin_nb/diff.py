@@ -51,6 +51,18 @@ FEATURE_COLUMNS = (
     "q_value",
     "changed",
 )
+# The columns a reader sees first, in the CLI table and on the card.
+DISPLAY_COLUMNS = (
+    "feature",
+    "base",
+    "checkpoint",
+    "delta",
+    "base_freq",
+    "checkpoint_freq",
+    "p_value",
+    "q_value",
+    "changed",
+)
 FIT_DROP_WARNING = 0.1
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..diff import DISPLAY_COLUMNS
+
 TABLE_ROWS = 25
 BAR_FEATURES = 10
 TOKEN_VIEW_ROWS = 10
@@ -46,17 +48,7 @@ def sae_diff_spec(diff: Any) -> dict[str, Any]:
         },
     ]
     frame = diff.features
-    columns = [
-        "feature",
-        "base",
-        "checkpoint",
-        "delta",
-        "base_freq",
-        "checkpoint_freq",
-        "p_value",
-        "q_value",
-        "changed",
-    ]
+    columns = list(DISPLAY_COLUMNS)
     rising = frame[frame["delta"] > 0].nlargest(BAR_FEATURES, "delta")
     falling = frame[frame["delta"] < 0].nsmallest(BAR_FEATURES, "delta")
     bars = _records(rising, ["feature", "delta"]) + _records(falling, ["feature", "delta"])
