@@ -27,7 +27,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._errors import AquinError
+from ._rows import batches_of, encode_rows, read_training_rows
 from .diff import SaeDiff
 
 logger = logging.getLogger(__name__)
@@ -71,67 +72,6 @@ class Simulation:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def read_training_rows(source: Any) -> list[dict[str, str]]:
-    """JSONL (or a list) of ``{"instruction", "response"}``, ``{"text"}`` or strings."""
-    from .probes import read_json_items
-
-    if isinstance(source, (str, Path)):
-        items, where = read_json_items(Path(source), "data file"), str(source)
-    else:
-        items, where = list(source), "the data list"
-    if not items:
-        raise AquinError(f"{where} holds no training rows")
-    rows = []
-    for index, item in enumerate(items):
-        if isinstance(item, str) and item.strip():
-            rows.append({"text": item})
-        elif isinstance(item, dict) and isinstance(item.get("text"), str) and item["text"].strip():
-            rows.append({"text": item["text"]})
-        elif isinstance(item, dict) and isinstance(item.get("instruction"), str):
-            response = item.get("response")
-            if not isinstance(response, str) or not response.strip():
-                raise AquinError(f"row {index} in {where} has an instruction but no response")
-            rows.append({"instruction": item["instruction"], "response": response})
-        else:
-            raise AquinError(
-                f"row {index} in {where} must be a string, {{'text'}} or "
-                f"{{'instruction', 'response'}}"
-            )
-    return rows
-
-
-def encode_rows(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -> list[tuple]:
-    """Token ids and labels; instruction rows put the loss on response tokens only."""
-    from .probes import format_row
-
-    encoded = []
-    for row in rows:
-        if "text" in row:
-            ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"][:max_length]
-            encoded.append((ids, list(ids)))
-            continue
-        prompt = format_row(row["instruction"], "", tokenizer) + " "
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        full = format_row(row["instruction"], row["response"], tokenizer)
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = ids[:max_length]
-        labels = [-100] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids) :]
-        encoded.append((ids, labels))
-    return encoded
-
-
-def batches_of(encoded: list[tuple], batch_size: int, pad_id: int) -> Iterator[tuple]:
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        for row, (ids, row_labels) in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(row_labels)] = torch.tensor(row_labels)
-        yield input_ids, labels
 
 
 # --------------------------------------------------------------------------- parameters

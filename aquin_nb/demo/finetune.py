@@ -14,46 +14,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .._errors import AquinError
+from .._rows import batches_of, encode_rows, read_training_rows
 from ..catalog import EMBEDDED_DIR
-from ..probes import format_row
 from ..run import Run
 
 logger = logging.getLogger(__name__)
 
 FINETUNE_DATA = EMBEDDED_DIR / "finetune.jsonl"
-
-
-def read_rows(path: str | Path) -> list[dict[str, str]]:
-    """``{"instruction", "response"}`` rows from a JSON or JSONL file."""
-    from ..probes import read_json_items
-
-    rows = read_json_items(Path(path), "fine-tuning data")
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict) or not row.get("instruction") or not row.get("response"):
-            raise AquinError(f"{path} row {index}: expected instruction and response")
-    if not rows:
-        raise AquinError(f"{path} holds no rows")
-    return rows
-
-
-def _encode_rows(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -> list[tuple]:
-    """Token ids and labels per row; the loss covers the response tokens only."""
-    encoded = []
-    for row in rows:
-        prompt = format_row(row["instruction"], "", tokenizer) + " "
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        full = format_row(row["instruction"], row["response"], tokenizer)
-        full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        full_ids = (full_ids + [tokenizer.eos_token_id])[:max_length]
-        labels = [-100] * min(len(prompt_ids), len(full_ids)) + full_ids[len(prompt_ids) :]
-        encoded.append((full_ids, labels))
-    return encoded
 
 
 def finetune_lora(
@@ -79,8 +50,8 @@ def finetune_lora(
 
     torch.manual_seed(seed)
     hf_model, tokenizer, _ = load_hf_model(model)
-    rows = read_rows(data)
-    encoded = _encode_rows(tokenizer, rows, int(hf_model.config.n_positions))
+    rows = read_training_rows(data)
+    encoded = encode_rows(tokenizer, rows, int(hf_model.config.n_positions))
     config = LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
@@ -97,13 +68,9 @@ def finetune_lora(
     bar = tqdm(range(steps), desc="LoRA fine-tune", disable=not progress)
     for _ in bar:
         picks = torch.randint(len(encoded), (batch_size,), generator=generator).tolist()
-        width = max(len(encoded[i][0]) for i in picks)
-        input_ids = torch.full((batch_size, width), tokenizer.eos_token_id, dtype=torch.long)
-        labels = torch.full((batch_size, width), -100, dtype=torch.long)
-        for row, index in enumerate(picks):
-            ids, row_labels = encoded[index]
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(row_labels)] = torch.tensor(row_labels)
+        input_ids, labels = next(
+            batches_of([encoded[i] for i in picks], batch_size, tokenizer.eos_token_id)
+        )
         loss = peft_model(input_ids=input_ids, labels=labels).loss
         loss.backward()
         optimizer.step()
