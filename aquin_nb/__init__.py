@@ -27,6 +27,8 @@ __all__ = [
     "TrainedSae",
     "__version__",
     "capture_activations",
+    "connect",
+    "disconnect",
     "load_model",
     "load_sae",
     "sae_align",
@@ -43,6 +45,8 @@ _LAZY = {
     "capture_activations": "aquin_nb.capture",
     "sae_train": "aquin_nb.train",
     "Run": "aquin_nb.run",
+    "connect": "aquin_nb.mirror",
+    "disconnect": "aquin_nb.mirror",
     "SaeAlign": "aquin_nb.align",
     "SaeDiff": "aquin_nb.diff",
     "load_model": "aquin_nb.models",
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
     from .align import SaeAlign, sae_align
     from .capture import Capture, capture_activations
     from .diff import SaeDiff, sae_diff
+    from .mirror import connect, disconnect
     from .models import load_model
     from .run import Run
     from .saes import load_sae

@@ -22,6 +22,7 @@ from . import __version__
 from ._assignment import Assignment, dense_assignment, sparse_assignment
 from ._errors import AquinError
 from ._results import mimebundle, read_result, write_result
+from .mirror import synced
 from .saes import load_sae
 
 logger = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ def _histogram(cosine: np.ndarray, bins: int = 20) -> dict[str, Any]:
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
 
 
+@synced("sae_align")
 def sae_align(
     sae_a: Any,
     sae_b: Any,

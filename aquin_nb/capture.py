@@ -32,6 +32,7 @@ from ._errors import AquinError
 from ._io import atomic_torch_save, atomic_write_json
 from ._results import mimebundle
 from .catalog import find_entry
+from .mirror import synced
 from .probes import load_prompts
 from .saes import SaeNumerics, load_sae, parse_hook, sae_numerics
 
@@ -190,6 +191,7 @@ def shipped_probe_sample(count: int, seed: int = 0) -> list[str]:
 
 
 @torch.no_grad()
+@synced("capture_activations")
 def capture_activations(
     model: str | Path,
     checkpoint: str | Path | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -277,6 +278,52 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         say(f"wrote {path}")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from .server import create_app, default_db, open_socket, run
+
+    if not 0 <= args.port <= 65535:
+        raise AquinError(f"--port {args.port} is not a TCP port (0-65535)")
+    db = args.db or default_db()
+    sock = open_socket(args.host, args.port)
+    app = create_app(db, token=args.token)
+    host, port = sock.getsockname()[:2]
+    origin = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    state = "generated now and stored" if app.state.token_generated else "stored"
+    say(f"[serve] aquin_nb mirror on {origin}, sessions in {db}")
+    say(f"[serve] token ({state} in the database): {app.state.token}")
+    say(f"[serve] open {origin}/?token={app.state.token}")
+    say(
+        f"[serve] clients: AQUIN_NB_URL={origin} AQUIN_NB_TOKEN={app.state.token} AQUIN_NB_SESSION=NAME"
+    )
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        say(f"[serve] warning: listening on {host}, reachable from other machines")
+    run(app, sock)
+
+
+def _add_sync(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sync",
+        action="store_true",
+        help="mirror this run to the session $AQUIN_NB_SESSION on $AQUIN_NB_URL "
+        "(on by default when AQUIN_NB_URL is set)",
+    )
+
+
+def _connect_mirror(args: argparse.Namespace) -> Any:
+    """``--sync``, or AQUIN_NB_URL in the environment: mirror this verb's run."""
+    import os
+
+    from . import mirror
+
+    if not hasattr(args, "sync") or not (args.sync or os.environ.get(mirror.ENV_URL)):
+        return None
+    return mirror.connect(os.environ.get(mirror.ENV_SESSION) or "cli")
+
+
+def _one_line_warning(message: Any, category: Any, *_: Any, **__: Any) -> None:
+    sys.stderr.write(f"aquin-nb: warning: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -332,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     diff.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     diff.add_argument("--html", help="also write the result's card as a self-contained HTML page")
+    _add_sync(diff)
     diff.set_defaults(run=_cmd_sae_diff)
 
     train = sae_verbs.add_parser("train", help="train a temporary SAE on a checkpoint")
@@ -354,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--top", type=int, default=10, help="rotated features shown")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     train.add_argument("--html", help="also write the result's card as a self-contained HTML page")
+    _add_sync(train)
     train.set_defaults(run=_cmd_sae_train)
 
     align = sae_verbs.add_parser("align", help="Hungarian matching of two SAEs' decoder directions")
@@ -368,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--top", type=int, default=10, help="pairs shown at each end")
     align.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     align.add_argument("--html", help="also write the result's card as a self-contained HTML page")
+    _add_sync(align)
     align.set_defaults(run=_cmd_sae_align)
 
     capture = commands.add_parser("capture", help="write residual activations to disk")
@@ -394,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument(
         "--html", help="also write the result's card as a self-contained HTML page"
     )
+    _add_sync(capture)
     capture.set_defaults(run=_cmd_capture)
 
     sim = commands.add_parser("simulate", help="forecast a fine-tune (NTK-linearised) and diff it")
@@ -422,7 +473,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--top", type=int, default=10, help="rows in the printed table")
     sim.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sim.add_argument("--html", help="also write the result's card as a self-contained HTML page")
+    _add_sync(sim)
     sim.set_defaults(run=_cmd_simulate)
+
+    serve = commands.add_parser(
+        "serve", help="run the web mirror receiver (session pages, SQLite, token)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument(
+        "--db", help="SQLite file (default $AQUIN_NB_DB or ~/.local/share/aquin_nb/mirror.sqlite)"
+    )
+    serve.add_argument("--token", help="use this token instead of the stored one")
+    serve.set_defaults(run=_cmd_serve)
 
     demo = commands.add_parser(
         "demo", help="fine-tune the embedded model with LoRA and diff it (offline)"
@@ -459,7 +522,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    warnings.showwarning = _one_line_warning  # the CLI owns its process: one line each
+    session = None
     try:
+        session = _connect_mirror(args)
         run(args)
     except AquinError as error:
         sys.stderr.write(f"aquin-nb: error: {error}\n")
@@ -467,6 +533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("aquin-nb: interrupted\n")
         return 130
+    finally:
+        if session is not None:
+            session.close(timeout=5.0)
     return 0
 
 

@@ -31,6 +31,7 @@ from ._results import mimebundle, read_result, write_result
 from ._stats import FitStats, PairedFeatureStats
 from ._tokenview import LiveDiff, compute_token_views
 from .catalog import find_entry
+from .mirror import synced
 from .probes import load_prompts
 from .saes import check_sae_fits, load_sae, sae_numerics
 
@@ -181,6 +182,7 @@ def _load_checkpoint(
     )
 
 
+@synced("sae_diff")
 def sae_diff(
     model: Any,
     checkpoint: Any,

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ._errors import AquinError
 from ._rows import batches_of, encode_rows, read_training_rows
 from .diff import SaeDiff
+from .mirror import synced
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ def gradient_and_curvature(
 # --------------------------------------------------------------------------- the verb
 
 
+@synced("simulate")
 def simulate(
     model: str | Path,
     data: Any,

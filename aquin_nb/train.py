@@ -29,6 +29,7 @@ from ._results import mimebundle, read_result, write_result
 from ._train_data import Batches, collect_from_capture, collect_from_model
 from .capture import default_numerics
 from .catalog import find_entry
+from .mirror import synced
 from .saes import load_sae
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ def _metrics(sae: Any, activations: torch.Tensor) -> dict[str, float]:
     }
 
 
+@synced("sae_train")
 def sae_train(
     model: str | Path,
     layer: int,

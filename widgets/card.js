@@ -113,6 +113,7 @@ function render({ model, el }) {
     box.innerHTML = `<h4>${escapeText(section.title)}</h4>`;
     if (section.type === "table") box.appendChild(renderTable(section, model));
     else if (section.svg) box.insertAdjacentHTML("beforeend", section.svg);
+    else if (section.error) box.insertAdjacentHTML("beforeend", `<div class="aquin-chip aquin-warn">${escapeText(section.error)}</div>`);
     card.appendChild(box);
   }
   const tokens = document.createElement("div");

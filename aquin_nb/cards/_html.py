@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import html
 import uuid
 from functools import cache
@@ -190,6 +191,34 @@ def line_svg(section: dict[str, Any], width: int = 460, height: int = 120) -> st
         f'<text x="{width - 5}" y="{height - 2}" text-anchor="end">step {x_high}</text>'
         f'<polyline fill="none" stroke="#5b8def" stroke-width="1.5" points="{points}"/></svg>'
     )
+
+
+_SVG = {
+    "bars": lambda section: diverging_bars_svg(section["bars"]),
+    "histogram": histogram_svg,
+    "heatmap": heatmap_svg,
+    "line": line_svg,
+}
+
+
+def live_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``spec`` for ``widgets/card.js``: each chart section carries its SVG,
+    rendered here with every string escaped.
+
+    An ``svg`` already in the spec is discarded, never trusted: the web mirror
+    receives specs from clients. A section whose data cannot be drawn gets an
+    ``error`` instead of a chart.
+    """
+    spec = copy.deepcopy(spec)
+    for section in spec["sections"]:
+        section.pop("svg", None)
+        if section.get("type") not in _SVG:
+            continue
+        try:
+            section["svg"] = _SVG[section["type"]](section)
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as problem:
+            section["error"] = f"cannot draw this chart: {type(problem).__name__}"
+    return spec
 
 
 def _section(section: dict[str, Any], labels: dict[str, str] | None = None) -> str:

@@ -24,7 +24,7 @@ def _records(frame: Any, columns: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def sae_diff_spec(diff: Any) -> dict[str, Any]:
+def sae_diff_spec(diff: Any, token_views: bool = True) -> dict[str, Any]:
     s = diff.summary
     fit = s["fit"]
     chips = [
@@ -52,14 +52,14 @@ def sae_diff_spec(diff: Any) -> dict[str, Any]:
     rising = frame[frame["delta"] > 0].nlargest(BAR_FEATURES, "delta")
     falling = frame[frame["delta"] < 0].nsmallest(BAR_FEATURES, "delta")
     bars = _records(rising, ["feature", "delta"]) + _records(falling, ["feature", "delta"])
-    token_views: dict[str, Any] = {}
-    if getattr(diff, "live", None) is not None:
+    views: dict[str, Any] = {}
+    if token_views and getattr(diff, "live", None) is not None:
         # A bounded, lazy second pass: only the features the card lists first.
         shown = frame.head(TOKEN_VIEW_ROWS)["feature"].tolist()
-        token_views = {str(f): view for f, view in diff.token_views(shown).items()}
+        views = {str(f): view for f, view in diff.token_views(shown).items()}
     return {
         "kind": "sae_diff",
-        "token_views": token_views,
+        "token_views": views,
         "title": f"{s['model']} vs {s['name']}",
         "chips": chips,
         "warning": fit.get("warning"),
@@ -210,8 +210,14 @@ SPECS: dict[str, Callable[[Any], dict[str, Any]]] = {
 }
 
 
-def card_spec(result: Any, kind: str) -> dict[str, Any]:
-    """The JSON card spec of ``result`` (``kind`` as in its JSON, e.g. ``"sae_diff"``)."""
+def card_spec(result: Any, kind: str, token_views: bool = True) -> dict[str, Any]:
+    """The JSON card spec of ``result`` (``kind`` as in its JSON, e.g. ``"sae_diff"``).
+
+    ``token_views=False`` skips the diff card's token views (a second model pass),
+    as the web mirror does.
+    """
     if kind not in SPECS:
         raise KeyError(f"no card spec for {kind!r}; known: {sorted(SPECS)}")
+    if kind == "sae_diff":
+        return sae_diff_spec(result, token_views)
     return SPECS[kind](result)

@@ -14,15 +14,8 @@ from typing import Any
 import anywidget
 import traitlets
 
-from ._html import diverging_bars_svg, heatmap_svg, histogram_svg, line_svg, widget_source
+from ._html import live_spec, widget_source
 from ._specs import card_spec
-
-_SVG = {
-    "bars": lambda section: diverging_bars_svg(section["bars"]),
-    "histogram": histogram_svg,
-    "heatmap": heatmap_svg,
-    "line": line_svg,
-}
 
 
 class CardWidget(anywidget.AnyWidget):  # type: ignore[misc]
@@ -42,12 +35,8 @@ class CardWidget(anywidget.AnyWidget):  # type: ignore[misc]
 
     @classmethod
     def for_result(cls, result: Any, kind: str) -> CardWidget:
-        spec = card_spec(result, kind)
-        spec.pop("token_views", None)  # the widget asks for them one at a time
-        for section in spec["sections"]:
-            if section["type"] in _SVG:
-                section["svg"] = _SVG[section["type"]](section)
-        return cls(result=result, spec=spec)
+        spec = card_spec(result, kind, token_views=False)  # asked for one at a time
+        return cls(result=result, spec=live_spec(spec))
 
     @traitlets.observe("selected")
     def _on_selected(self, change: dict[str, Any]) -> None:
