@@ -68,8 +68,8 @@ class Session:
 
     ``emit`` never blocks: events go to a queue of at most ``max_queue`` events
     (the oldest is dropped, and counted in ``dropped``, when it is full) that a
-    background thread posts in batches, retrying with backoff up to
-    ``retry_max_s`` seconds apart.
+    background thread posts in batches, ``linger_s`` after the first one queued,
+    retrying with backoff up to ``retry_max_s`` seconds apart.
     """
 
     def __init__(
@@ -82,8 +82,11 @@ class Session:
         spool_dir: str | Path | None = None,
         retry_max_s: float = 5.0,
         timeout_s: float = 10.0,
+        linger_s: float = 0.25,
     ) -> None:
         import httpx
+
+        from .cards import _specs  # noqa: F401  (imported now, not during a later verb)
 
         problem = _events.check_session_name(name)
         if problem:
@@ -96,6 +99,7 @@ class Session:
         self.url = url.rstrip("/")
         self.max_queue = max_queue
         self.retry_max_s = retry_max_s
+        self.linger_s = linger_s
         self.dropped = 0
         self.delivered = 0
         self.rejected = 0
@@ -117,6 +121,9 @@ class Session:
         self._warned = False
         self._closing = False
         self._stopped = False
+        self._hurry = False
+        self._reachable = False
+        self._first_pending_at = time.monotonic()
         self._pending.extend(self._read_spool())
         self._thread = threading.Thread(
             target=self._deliver_loop, name=f"aquin-nb-mirror-{name}", daemon=True
@@ -141,19 +148,25 @@ class Session:
             while len(self._pending) + len(self._sending) >= self.max_queue and self._pending:
                 self._pending.popleft()
                 self.dropped += 1
+            if not self._pending:
+                self._first_pending_at = time.monotonic()
             self._pending.append(event)
             self._cond.notify_all()
 
-    def warn_if_failing(self) -> None:
+    def warn_if_failing(self, spooled: int = 0) -> None:
         """Warn, at most once per session and in the caller's thread, if delivery is failing."""
         with self._cond:
             if self._problem is None or self._warned:
                 return
             self._warned = True
             problem = self._problem
+        where = (
+            f"{spooled} events kept in {self._spool} for the next session to this server"
+            if spooled
+            else f"events are queued ({self.pending}) and sent when it is reachable"
+        )
         warnings.warn(
-            f"aquin_nb mirror {self.url} (session {self.name!r}): {problem}; events are "
-            f"queued ({self.pending}) and sent when it is reachable",
+            f"aquin_nb mirror {self.url} (session {self.name!r}): {problem}; {where}",
             SyncWarning,
             stacklevel=3,
         )
@@ -162,6 +175,7 @@ class Session:
         """Wait up to ``timeout`` seconds for the queue to drain; True when it did."""
         deadline = time.monotonic() + timeout
         with self._cond:
+            self._hurry = True
             self._cond.notify_all()
             while self._pending or self._sending:
                 left = deadline - time.monotonic()
@@ -169,6 +183,7 @@ class Session:
                     break
                 self._cond.wait(min(left, 0.05))
             drained = not self._pending and not self._sending
+            self._hurry = False
         if not drained:
             self.warn_if_failing()
         return drained
@@ -200,6 +215,8 @@ class Session:
             self._sending = []
         leftover = [e for e in map(self._materialise, raw) if e is not None]
         self._write_spool(leftover)
+        if leftover:
+            self.warn_if_failing(spooled=len(leftover))
         self._client.close()
         atexit.unregister(self.close)
         if _active is self:
@@ -217,11 +234,19 @@ class Session:
                     self._cond.wait(retry_at - time.monotonic())
                 while not self._pending and not self._stopped:
                     self._cond.wait()
+                # Linger a moment so a quick verb's start and result go as one post,
+                # after the verb has returned rather than while it computes.
+                while not (self._stopped or self._closing or self._hurry):
+                    left = self._first_pending_at + self.linger_s - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 if self._stopped:
                     return
-                batch = [
-                    self._pending.popleft() for _ in range(min(BATCH_EVENTS, len(self._pending)))
-                ]
+                # Until the server has answered (and while it fails), probe with one
+                # event: queued results' cards are built only once it is reachable.
+                size = BATCH_EVENTS if self._reachable else 1
+                batch = [self._pending.popleft() for _ in range(min(size, len(self._pending)))]
                 self._sending = batch
             events = [e for e in map(self._materialise, batch) if e is not None]
             with self._cond:
@@ -272,11 +297,13 @@ class Session:
         with self._cond:
             self.delivered += len(events)
             self._problem = None
+            self._reachable = True
         return "ok"
 
     def _set_problem(self, problem: str) -> None:
         with self._cond:
             self._problem = problem
+            self._reachable = False
         log.debug("mirror %s: %s", self.url, problem)
 
     # -- spool -------------------------------------------------------------------

@@ -1,0 +1,192 @@
+"""The web mirror's cost to the verb, and the receiver's event rate, side by side in one run.
+
+    python benchmarks/mirror.py [--repeats 9] [--events 5000]
+
+* overhead: ``sae_diff`` on tiny-gpt2 (32 probes) with no session, with a session
+  whose server is down (a closed loopback port), and with a live receiver (an
+  ``aquin-nb serve`` process), interleaved; two forms of the call: models already
+  loaded (the ~60 ms fast path, where any per-call cost shows most) and from
+  paths (what the CLI does), each in a fresh session; then the fast path back
+  to back in one session, where the delivery thread's work overlaps the next
+  verbs. Medians, and the ratios to "no session". The target is <= 1.05x with
+  the server down.
+* load: 5,000 events from 4 concurrent clients (one POST each) to an
+  ``aquin-nb serve`` subprocess on loopback; every event must be stored exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.diff import _checkpoint  # noqa: E402
+from tests.mirror_server import free_port  # noqa: E402
+
+
+class ServeProcess:
+    """``aquin-nb serve`` in its own process on loopback, as a user runs it."""
+
+    def __init__(self, db: Path, token: str = "bench-token") -> None:
+        self.port, self.token = free_port(), token
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "aquin_nb", "serve", "--port", str(self.port)]
+        self.process = subprocess.Popen(
+            [*command, "--db", str(db), "--token", token], stdout=subprocess.DEVNULL
+        )
+
+    def __enter__(self) -> ServeProcess:
+        for _ in range(100):
+            try:
+                httpx.get(f"{self.url}/static/card.css", timeout=1)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("aquin-nb serve did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def overhead(repeats: int, tmp: Path) -> None:
+    from aquin_nb import _events, load_model, load_sae, mirror, sae_diff
+
+    checkpoint = _checkpoint(tmp)
+    base, tuned = load_model("tiny-gpt2"), load_model("tiny-gpt2", checkpoint)
+    sae = load_sae("tiny-gpt2")
+    calls = {
+        "loaded": lambda: sae_diff(base, tuned, sae=sae, progress=False),
+        "paths": lambda: sae_diff("tiny-gpt2", checkpoint, progress=False),
+    }
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    order = random.Random(0)
+    with ServeProcess(tmp / "bench.sqlite") as server:
+        modes = {
+            "no session": None,
+            "server down": (dead_url, "t"),
+            "live server": (server.url, server.token),
+        }
+        for label, call in calls.items():
+            times: dict[str, list[float]] = {mode: [] for mode in modes}
+            call()  # warm-up
+            for _ in range(repeats):
+                for mode in order.sample(list(modes), len(modes)):  # no position bias
+                    target = modes[mode]
+                    if target is not None:
+                        mirror.connect(
+                            f"bench-{uuid.uuid4().hex[:8]}",
+                            url=target[0],
+                            token=target[1],
+                            spool_dir=tmp / "spool",
+                            max_queue=10_000,
+                        )
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        start = time.perf_counter()
+                        call()
+                        times[mode].append(time.perf_counter() - start)
+                        mirror.disconnect(timeout=0.2)
+            floor = statistics.median(times["no session"])
+            cells = ", ".join(
+                f"{mode} {statistics.median(t) * 1000:.1f} ms ({statistics.median(t) / floor:.3f}x)"
+                for mode, t in times.items()
+            )
+            print(f"overhead [{label}]: {cells}")
+        # Back to back: the delivery thread's work (cards, posts) overlaps the next verbs.
+        totals: dict[str, list[float]] = {mode: [] for mode in modes}
+        for _ in range(3):
+            for mode in order.sample(list(modes), len(modes)):
+                target = modes[mode]
+                if target is not None:
+                    mirror.connect(
+                        f"loop-{uuid.uuid4().hex[:8]}",
+                        url=target[0],
+                        token=target[1],
+                        spool_dir=tmp / "spool",
+                        max_queue=10_000,
+                    )
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    start = time.perf_counter()
+                    for _ in range(repeats):
+                        calls["loaded"]()
+                    totals[mode].append(time.perf_counter() - start)
+                    mirror.disconnect(timeout=2.0)
+        floor = statistics.median(totals["no session"])
+        cells = ", ".join(
+            f"{mode} {statistics.median(t):.2f} s ({statistics.median(t) / floor:.3f}x)"
+            for mode, t in totals.items()
+        )
+        print(f"overhead [loaded, {repeats} back to back in one session]: {cells}")
+    del _events
+
+
+def load(total: int, clients: int, tmp: Path) -> None:
+    from aquin_nb import _events
+
+    with ServeProcess(tmp / "load.sqlite") as server:
+        url, token = server.url, server.token
+        per_client = total // clients
+        batches = [
+            [
+                _events.start_event(uuid.uuid4().hex, uuid.uuid4().hex, "sae_diff", {"name": "x"})
+                for _ in range(per_client)
+            ]
+            for _ in range(clients)
+        ]
+        headers = {"Authorization": f"Bearer {token}"}
+
+        def send(events: list[dict]) -> None:
+            with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+                for event in events:
+                    client.post(
+                        "/api/sessions/load/events", json={"events": [event]}
+                    ).raise_for_status()
+
+        threads = [threading.Thread(target=send, args=(b,)) for b in batches]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - start
+        stored = httpx.get(f"{url}/api/sessions/load/events", headers=headers, timeout=30).json()[
+            "events"
+        ]
+        ids = [e["event_id"] for e in stored]
+        exact = len(ids) == len(set(ids)) == per_client * clients
+        print(
+            f"load: {per_client * clients} events from {clients} clients in {seconds:.2f} s = "
+            f"{per_client * clients / seconds:.0f} events/s; stored exactly once: {exact}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--clients", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        overhead(args.repeats, Path(tmp))
+        load(args.events, args.clients, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
