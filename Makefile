@@ -46,6 +46,7 @@ artifacts: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/diff.py
 	$(PY) benchmarks/align.py
+	$(PY) benchmarks/mirror.py
 
 clean:
 	rm -rf demo_out .pytest_cache .mypy_cache .ruff_cache

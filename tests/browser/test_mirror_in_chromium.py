@@ -57,6 +57,17 @@ def test_a_synced_verb_appears_live_and_expands_to_its_card(
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "mirror_session.png"), full_page=True)
 
+    # A second verb: its row lands on top, and its panel is the align card.
+    aquin_nb.sae_align("tiny-gpt2", "tiny-gpt2", max_features=64, progress=False)
+    assert session.flush(10)
+    page.wait_for_selector('.aquin-sync-row[data-tool="sae_align"][data-status="completed"]')
+    align_row = page.locator(".aquin-sync-row").first
+    assert align_row.get_attribute("data-tool") == "sae_align"
+    align_row.locator("summary").click()
+    heatmap = align_row.locator('.aquin-card[data-kind="sae_align"] svg.aquin-heatmap rect')
+    heatmap.first.wait_for(timeout=10_000)
+    assert heatmap.count() == 24 * 24
+
     page.goto(f"{server.url}/")
     assert page.locator('a[href="/s/browser-run"]').inner_text() == "browser-run"
 
