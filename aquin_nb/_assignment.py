@@ -38,6 +38,12 @@ BF16_ERROR = 0.01
 # float32 dot products of unit vectors in d <= 16k dimensions.
 FP32_ERROR = 1e-5
 NEAR_MARGIN = 0.02
+# Warm-started potentials of a still-optimal matching settle in a few sweeps; a
+# negative cycle never does, so a trial gives up after this many (about 4 ms
+# each at n = 16k) and solves again.
+TRIAL_SWEEPS = 48
+# A row or column with no cosine above this has no clear partner (see _weak_edges).
+WEAK = 0.5
 
 
 @dataclass(frozen=True)
@@ -80,9 +86,10 @@ def _row_block(n_cols: int, budget_bytes: int = 1 << 28) -> int:
 
 def _candidates(
     a: torch.Tensor, b: torch.Tensor, k: int, progress: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k columns per row (bf16 blockwise), their float32 cosines, and per row the
-    bound on any other column's cosine and on the row's maximum."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k columns per row (bf16 blockwise), their float32 cosines, per row the
+    bound on any other column's cosine and on the row's maximum, and per column
+    its largest cosine among the kept edges."""
     n_rows, n_cols = len(a), len(b)
     a16, b16_t = a.to(torch.bfloat16), b.to(torch.bfloat16).T.contiguous()
     block = _row_block(n_cols)
@@ -104,7 +111,12 @@ def _candidates(
         row_max[start : start + block] = values[:, 0].double().numpy() + BF16_ERROR
         bar.update(len(index))
     bar.close()
-    return cols, exact, threshold, row_max
+    # A column's best cosine among the kept edges (a lower bound on its maximum,
+    # which is all `_weak_edges` needs; a reduction over every block costs as much
+    # as the top-k itself).
+    col_max = np.full(n_cols, -np.inf)
+    np.maximum.at(col_max, cols.reshape(-1), exact.reshape(-1))
+    return cols, exact, threshold, row_max, col_max
 
 
 def _solve(n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray, cos: np.ndarray):
@@ -123,13 +135,15 @@ def _duals(
     match_col: np.ndarray,
     initial: np.ndarray | None = None,
     max_sweeps: int = 100_000,
-) -> tuple[np.ndarray, np.ndarray] | None:
+    quiet: bool = False,
+) -> tuple[np.ndarray, np.ndarray, int] | None:
     """Potentials (u, v) with u_i + v_j <= cost_ij on every edge and equality on the matching.
 
     With v_j = cost(r(j), j) - u_r(j), each edge gives the difference constraint
     u_i <= u_r(j) + cost_ij - cost(r(j), j); their shortest-path solution
     (Bellman-Ford, only re-relaxing edges whose source moved) exists because the
-    matching is optimal on these edges. Returns None if it does not settle.
+    matching is optimal on these edges. Returns (u, v, sweeps), or None if it does
+    not settle within ``max_sweeps`` (a negative cycle: the matching is not optimal).
     """
     row_of_col = np.empty(n, dtype=np.int64)
     row_of_col[match_col] = np.arange(n)
@@ -140,21 +154,32 @@ def _duals(
     keep = source != edge_rows
     source, target = source[keep], edge_rows[keep]
     weight = edge_cost[keep] - matched_cost[edge_cols[keep]]
-    # Any start above the solution works; the previous round's potentials are
-    # usually close to it, so far fewer edges need relaxing.
-    u = np.zeros(n) if initial is None else np.minimum(initial, 0.0)
+    # Bellman-Ford from any start gives the largest solution below it. The first
+    # round starts from u_i = -cos(i, match) (every v_j = 2): a strong pair's row
+    # then sits far below a weak pair's, which leaves the edges outside the
+    # candidates (strong rows to weak columns) with slack, not violations, when
+    # they are priced. Later rounds start from the previous potentials, close to
+    # the solution, so far fewer edges need relaxing.
+    if initial is None:
+        row_of_edge_on_match = edge_rows[on_match]
+        u = np.zeros(n)
+        u[row_of_edge_on_match] = edge_cost[on_match] - 2.0
+    else:
+        u = initial.copy()
     moved = np.ones(n, dtype=bool)
-    for _ in range(max_sweeps):
+    for sweep in range(max_sweeps):
         active = moved[source]
         if not active.any():
             v = matched_cost - u[row_of_col]
-            return u, v
+            logger.debug("dual potentials settled in %d sweeps", sweep)
+            return u, v, sweep
         candidate = u[source[active]] + weight[active]
         new_u = u.copy()
         np.minimum.at(new_u, target[active], candidate)
         moved = new_u < u - 1e-12
         u = new_u
-    logger.warning("dual potentials did not settle; the result carries only a gap bound")
+    if not quiet:
+        logger.warning("dual potentials did not settle; the result carries only a gap bound")
     return None
 
 
@@ -300,7 +325,7 @@ def sparse_assignment(
     """Optimal (or gap-bounded) assignment of rows of ``a`` to rows of ``b``, len(a) <= len(b)."""
     n_rows, n_cols = len(a), len(b)
     k = min(k, n_cols)
-    top_cols, top_cos, threshold, row_max = _candidates(a, b, k, progress)
+    top_cols, top_cos, threshold, row_max, col_max = _candidates(a, b, k, progress)
     rng = np.random.default_rng(seed)
     fallback = rng.permutation(n_cols)[:n_rows]
     edge_rows = np.concatenate([np.repeat(np.arange(n_rows), k), np.arange(n_rows)])
@@ -308,27 +333,49 @@ def sparse_assignment(
     edge_cos = np.concatenate(
         [top_cos.reshape(-1), pair_cosines(a, b, np.arange(n_rows), fallback)]
     )
+    weak = _weak_edges(a, b, row_max, col_max, k)
+    if weak is not None:
+        edge_rows = np.concatenate([edge_rows, weak[0]])
+        edge_cols = np.concatenate([edge_cols, weak[1]])
+        edge_cos = np.concatenate([edge_cos, weak[2]])
     edge_rows, edge_cols, edge_cos = _unique_edges(edge_rows, edge_cols, edge_cos, n_cols)
     upper_bound = float(np.maximum(row_max, threshold).sum())
 
     square = n_rows == n_cols
-    duals: tuple[np.ndarray, np.ndarray] | None = None
+    duals: tuple[np.ndarray, np.ndarray, int] | None = None
+    rows = cols = None
     previous_v: np.ndarray | None = None
     after = after_floor = np.zeros(n_rows)
     gap: float | None = None
     rounds = 0
     while True:
         rounds += 1
-        rows, cols = _solve(n_rows, n_cols, edge_rows, edge_cols, edge_cos)
-        total = float(pair_cosines(a, b, rows, cols, exact=True).sum())
         previous = duals[0] if duals is not None else None
-        duals = (
-            _duals(n_rows, edge_rows, edge_cols, 2.0 - edge_cos, cols, previous) if square else None
-        )
+        duals = None
+        if square and cols is not None:
+            # The edges pricing added may leave the matching optimal (violations
+            # are often artefacts of the duals): then warm-started potentials
+            # settle, and no new solve is needed. A negative cycle never settles.
+            duals = _duals(
+                n_rows,
+                edge_rows,
+                edge_cols,
+                2.0 - edge_cos,
+                cols,
+                previous,
+                max_sweeps=TRIAL_SWEEPS,
+                quiet=True,
+            )
         if duals is None:
-            gap = max(0.0, upper_bound - total) if gap is None else gap
-            break
-        u, v = duals
+            rows, cols = _solve(n_rows, n_cols, edge_rows, edge_cols, edge_cos)
+            duals = (
+                _duals(n_rows, edge_rows, edge_cols, 2.0 - edge_cos, cols, previous)
+                if square
+                else None
+            )
+        if duals is None:
+            break  # rectangular: the gap comes from the upper bound below
+        u, v, _ = duals
         if previous_v is None:
             pricing = _price(a, b, u, v, threshold, edge_rows, edge_cols, k, progress)
         else:
@@ -350,7 +397,12 @@ def sparse_assignment(
                 raised=raised,
             )
             pricing.before = np.minimum(pricing.before, np.minimum(after_floor, 0.0))
-        logger.info("align round %d: total %.6f, %d edges to add", rounds, total, len(pricing.rows))
+        logger.info(
+            "align round %d: %d violations, %d edges to add",
+            rounds,
+            pricing.violations,
+            len(pricing.rows),
+        )
         round_gap = float(-pricing.before.sum())
         gap = round_gap if gap is None else min(gap, round_gap)
         if pricing.violations == 0:
@@ -365,8 +417,32 @@ def sparse_assignment(
         edge_cols = np.concatenate([edge_cols, pricing.cols])
         edge_cos = np.concatenate([edge_cos, pair_cosines(a, b, pricing.rows, pricing.cols)])
         edge_rows, edge_cols, edge_cos = _unique_edges(edge_rows, edge_cols, edge_cos, n_cols)
+    assert rows is not None and cols is not None
     cosine = pair_cosines(a, b, rows, cols, exact=True)
+    if duals is None and gap is None:
+        gap = max(0.0, upper_bound - float(cosine.sum()))
     return Assignment(rows, cols, cosine, "sparse", gap == 0.0, gap, rounds)
+
+
+def _weak_edges(
+    a: torch.Tensor, b: torch.Tensor, row_max: np.ndarray, col_max: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Top-k edges among the weak rows and weak columns (no cosine above `WEAK`).
+
+    A row whose partner is missing (a feature new to one dictionary) must be
+    matched to some other unclaimed column, and its global top-k columns are
+    mostly claimed by strong pairs. Its best edges among the weak columns are
+    what the optimum uses; finding them here, on a submatrix far smaller than
+    the whole, saves the pricing rounds that would otherwise discover them.
+    Only a speed-up: optimality is still proven by pricing.
+    """
+    weak_rows = np.nonzero(row_max - BF16_ERROR < WEAK)[0]
+    weak_cols = np.nonzero(col_max < WEAK)[0]
+    if not 0 < len(weak_rows) <= len(a) // 2 or len(weak_cols) < len(weak_rows):
+        return None
+    sub_k = min(k, len(weak_cols))
+    cols, cos, _, _, _ = _candidates(a[weak_rows], b[weak_cols], sub_k, progress=False)
+    return np.repeat(weak_rows, sub_k), weak_cols[cols.reshape(-1)], cos.reshape(-1)
 
 
 def _unique_edges(

@@ -100,6 +100,54 @@ def test_sparse_equals_dense_on_square_problems(n, d, structured, seed):
     assert sorted(sparse.cols.tolist()) == list(range(n))
 
 
+def orphaned_permutation(n: int, d: int, fraction: float, seed: int):
+    """A noisy permutation in which ``fraction`` of B's partners are replaced by noise:
+    those rows of A have no counterpart (features new to one dictionary)."""
+    a, b, perm = noisy_permutation(n, n, d, 0.5, seed)
+    orphans = np.random.default_rng(seed).choice(n, int(fraction * n), replace=False)
+    generator = torch.Generator().manual_seed(seed + 1)
+    b[perm[orphans]] = unit(torch.randn(len(orphans), d, generator=generator))
+    return a, b, perm, np.sort(orphans)
+
+
+def test_weak_edges_join_the_rows_and_columns_without_partners():
+    from aquin_nb._assignment import _candidates, _weak_edges
+
+    a, b, perm, orphans = orphaned_permutation(600, 256, 0.2, seed=4)
+    _, _, _, row_max, col_max = _candidates(a, b, 32, progress=False)
+    rows, cols, cos = _weak_edges(a, b, row_max, col_max, 32)
+    assert np.array_equal(np.unique(rows), orphans)
+    assert set(np.unique(cols).tolist()) == set(perm[orphans].tolist())
+    assert len(rows) == len(orphans) * 32  # each orphan's top 32 among the orphaned columns
+    assert np.allclose(cos, (a[rows] * b[cols]).sum(1).numpy(), atol=1e-5)
+    # Unrelated dictionaries have no strong pairs: no shortcut is taken.
+    generator = torch.Generator().manual_seed(5)
+    a2, b2 = (
+        unit(torch.randn(600, 256, generator=generator)),
+        unit(torch.randn(600, 256, generator=generator)),
+    )
+    _, _, _, row_max, col_max = _candidates(a2, b2, 32, progress=False)
+    assert _weak_edges(a2, b2, row_max, col_max, 32) is None
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(min_value=40, max_value=220),
+    d=st.sampled_from([24, 64, 256]),
+    fraction=st.floats(min_value=0.05, max_value=0.5),
+    seed=st.integers(min_value=0, max_value=10_000),
+)
+def test_sparse_equals_dense_when_some_rows_lost_their_partner(n, d, fraction, seed):
+    a, b, perm, orphans = orphaned_permutation(n, d, fraction, seed)
+    sparse = match(a, b, "sparse", progress=False)
+    dense = match(a, b, "dense", progress=False)
+    assert sparse.optimal
+    assert sparse.cosine.sum() == pytest.approx(dense.cosine.sum(), rel=1e-7, abs=1e-7)
+    if d == 256:  # partners stand far above noise: every surviving pair is recovered
+        kept = np.setdiff1d(np.arange(n), orphans)
+        assert (sparse.cols[kept] == perm[kept]).all()
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     n_a=st.integers(min_value=5, max_value=120),
