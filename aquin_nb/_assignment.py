@@ -7,16 +7,21 @@ Sparse, for dictionaries too large for that:
 1. candidates: the cosine matrix is computed block by block (bfloat16 matmul,
    never held whole) and each row keeps its top-k columns; the exact float32
    cosines of those edges are then recomputed. A random permutation of
-   fallback edges guarantees a full matching exists.
+   fallback edges guarantees a full matching exists. Rows and columns with no
+   strong partner (a feature new to one dictionary) also get their top-k edges
+   among each other (`_weak_edges`), where the optimum matches them.
 2. solve: SciPy's ``min_weight_full_bipartite_matching`` (LAPJVsp) on the
    candidate graph with costs ``2 - cos``.
 3. certify: dual potentials of the sparse optimum come from Bellman-Ford on the
-   matching's residual graph. A row is certified when no edge outside the
-   candidate set can have negative reduced cost: first by its top-k threshold
-   (cheap), otherwise by an exact float32 pricing pass over that row. Edges the
-   pricing finds are added and the problem is solved again (column generation).
-   When every row is certified, the matching is provably optimal; otherwise the
-   last pricing gives a bound on the gap to the optimum.
+   matching's residual graph, started from ``u_i = -cos(i, match)``. A row is
+   certified when no edge outside the candidate set can have negative reduced
+   cost: first by its top-k threshold (cheap), otherwise by an exact float32
+   pricing pass over that row. Edges the pricing finds are added (column
+   generation); when warm-started potentials of the same matching settle on the
+   larger graph, the matching is still optimal there and is priced again as it
+   is, otherwise the problem is solved again. When every row is certified, the
+   matching is provably optimal; otherwise the last pricing gives a bound on
+   the gap to the optimum.
 """
 
 from __future__ import annotations
