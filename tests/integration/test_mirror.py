@@ -299,3 +299,30 @@ def test_cli_sync_without_a_token_and_serve_on_a_busy_port_exit_2(monkeypatch, c
         busy.close()
     if os.name == "posix":
         assert main(["serve", "--port", "70000"]) == 2
+
+
+def test_capture_and_train_send_their_own_cards(server, tmp_path):
+    aquin_nb.connect("pipeline", url=server.url, token=server.token)
+    aquin_nb.capture_activations("tiny-gpt2", output=tmp_path / "cap", layers=[2], progress=False)
+    aquin_nb.sae_train(
+        "tiny-gpt2",
+        2,
+        activations=tmp_path / "cap",
+        steps=5,
+        batch_size=128,
+        output=tmp_path / "out",
+        progress=False,
+    )
+    assert mirror.active_session().flush(10)
+    rows = server.invocations("pipeline")
+    assert [r["tool"] for r in rows] == ["capture_activations", "sae_train"]
+    assert {r["status"] for r in rows} == {"completed"}
+    with server.client() as client:
+        cards = [
+            client.get(f"/api/sessions/pipeline/invocations/{r['invocation_id']}").json()["card"]
+            for r in rows
+        ]
+    assert [c["kind"] for c in cards] == ["capture", "sae_train"]
+    assert cards[0]["sections"][0]["rows"][0]["layer"] == 2
+    line = next(s for s in cards[1]["sections"] if s["type"] == "line")
+    assert len(line["y"]) == 5 and line["svg"].startswith("<svg")
