@@ -63,8 +63,49 @@ class ServeProcess:
         self.process.wait(10)
 
 
+def _compare(
+    modes: dict[str, tuple[str, str] | None],
+    work,
+    rounds: int,
+    order: random.Random,
+    tmp: Path,
+) -> dict[str, float]:
+    """Median seconds of ``work()`` per mode, modes interleaved in random order; each
+    run in a fresh session (None: no session), disconnected outside the timing."""
+    from aquin_nb import mirror
+
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode in order.sample(list(modes), len(modes)):  # no position bias
+            target = modes[mode]
+            if target is not None:
+                mirror.connect(
+                    f"bench-{uuid.uuid4().hex[:8]}",
+                    url=target[0],
+                    token=target[1],
+                    spool_dir=tmp / "spool",
+                    max_queue=10_000,
+                )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                start = time.perf_counter()
+                work()
+                times[mode].append(time.perf_counter() - start)
+                mirror.disconnect(timeout=2.0)
+    return {mode: statistics.median(t) for mode, t in times.items()}
+
+
+def _report(label: str, medians: dict[str, float], unit: float, suffix: str) -> None:
+    floor = medians["no session"]
+    cells = ", ".join(
+        f"{mode} {t * unit:.{1 if unit > 1 else 2}f} {suffix} ({t / floor:.3f}x)"
+        for mode, t in medians.items()
+    )
+    print(f"overhead [{label}]: {cells}")
+
+
 def overhead(repeats: int, tmp: Path) -> None:
-    from aquin_nb import _events, load_model, load_sae, mirror, sae_diff
+    from aquin_nb import load_model, load_sae, sae_diff
 
     checkpoint = _checkpoint(tmp)
     base, tuned = load_model("tiny-gpt2"), load_model("tiny-gpt2", checkpoint)
@@ -73,67 +114,24 @@ def overhead(repeats: int, tmp: Path) -> None:
         "loaded": lambda: sae_diff(base, tuned, sae=sae, progress=False),
         "paths": lambda: sae_diff("tiny-gpt2", checkpoint, progress=False),
     }
-    dead_url = f"http://127.0.0.1:{free_port()}"
     order = random.Random(0)
     with ServeProcess(tmp / "bench.sqlite") as server:
         modes = {
             "no session": None,
-            "server down": (dead_url, "t"),
+            "server down": (f"http://127.0.0.1:{free_port()}", "t"),
             "live server": (server.url, server.token),
         }
         for label, call in calls.items():
-            times: dict[str, list[float]] = {mode: [] for mode in modes}
             call()  # warm-up
-            for _ in range(repeats):
-                for mode in order.sample(list(modes), len(modes)):  # no position bias
-                    target = modes[mode]
-                    if target is not None:
-                        mirror.connect(
-                            f"bench-{uuid.uuid4().hex[:8]}",
-                            url=target[0],
-                            token=target[1],
-                            spool_dir=tmp / "spool",
-                            max_queue=10_000,
-                        )
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        start = time.perf_counter()
-                        call()
-                        times[mode].append(time.perf_counter() - start)
-                        mirror.disconnect(timeout=0.2)
-            floor = statistics.median(times["no session"])
-            cells = ", ".join(
-                f"{mode} {statistics.median(t) * 1000:.1f} ms ({statistics.median(t) / floor:.3f}x)"
-                for mode, t in times.items()
-            )
-            print(f"overhead [{label}]: {cells}")
+            _report(label, _compare(modes, call, repeats, order, tmp), 1000, "ms")
+
         # Back to back: the delivery thread's work (cards, posts) overlaps the next verbs.
-        totals: dict[str, list[float]] = {mode: [] for mode in modes}
-        for _ in range(3):
-            for mode in order.sample(list(modes), len(modes)):
-                target = modes[mode]
-                if target is not None:
-                    mirror.connect(
-                        f"loop-{uuid.uuid4().hex[:8]}",
-                        url=target[0],
-                        token=target[1],
-                        spool_dir=tmp / "spool",
-                        max_queue=10_000,
-                    )
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    start = time.perf_counter()
-                    for _ in range(repeats):
-                        calls["loaded"]()
-                    totals[mode].append(time.perf_counter() - start)
-                    mirror.disconnect(timeout=2.0)
-        floor = statistics.median(totals["no session"])
-        cells = ", ".join(
-            f"{mode} {statistics.median(t):.2f} s ({statistics.median(t) / floor:.3f}x)"
-            for mode, t in totals.items()
-        )
-        print(f"overhead [loaded, {repeats} back to back in one session]: {cells}")
-    del _events
+        def loop() -> None:
+            for _ in range(repeats):
+                calls["loaded"]()
+
+        medians = _compare(modes, loop, 3, order, tmp)
+        _report(f"loaded, {repeats} back to back in one session", medians, 1, "s")
 
 
 def load(total: int, clients: int, tmp: Path) -> None:

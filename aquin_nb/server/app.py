@@ -82,6 +82,12 @@ def create_app(db: str | Path, token: str | None = None) -> Starlette:
         problem = _events.check_session_name(name)
         return _error(404, problem) if problem else name
 
+    def readable_session(request: Request) -> str | Response:
+        """The session a read is for, or the 401/404 to answer instead."""
+        if not authorised(request, allow_cookie=True):
+            return _error(401, "missing or wrong token")
+        return session_name(request)
+
     async def page_guard(request: Request) -> Response | None:
         """None when the browser may see the page; a redirect that sets the cookie
         when it came with ``?token=``; else 401."""
@@ -161,9 +167,7 @@ def create_app(db: str | Path, token: str | None = None) -> Starlette:
         return JSONResponse({"stored": stored, "duplicates": duplicates})
 
     async def list_events(request: Request) -> Response:
-        if not authorised(request, allow_cookie=True):
-            return _error(401, "missing or wrong token")
-        name = session_name(request)
+        name = readable_session(request)
         if isinstance(name, Response):
             return name
         after = _int(request.query_params.get("after"), 0)
@@ -171,9 +175,7 @@ def create_app(db: str | Path, token: str | None = None) -> Starlette:
         return JSONResponse({"events": [{"id": i, **event} for i, event in rows]})
 
     async def list_invocations(request: Request) -> Response:
-        if not authorised(request, allow_cookie=True):
-            return _error(401, "missing or wrong token")
-        name = session_name(request)
+        name = readable_session(request)
         if isinstance(name, Response):
             return name
         last = await run_in_threadpool(store.last_id, name)
@@ -181,9 +183,7 @@ def create_app(db: str | Path, token: str | None = None) -> Starlette:
         return JSONResponse({"invocations": rows, "last_event": last})
 
     async def get_invocation(request: Request) -> Response:
-        if not authorised(request, allow_cookie=True):
-            return _error(401, "missing or wrong token")
-        name = session_name(request)
+        name = readable_session(request)
         if isinstance(name, Response):
             return name
         row = await run_in_threadpool(store.invocation, name, request.path_params["invocation"])
@@ -195,9 +195,7 @@ def create_app(db: str | Path, token: str | None = None) -> Starlette:
 
     async def stream(request: Request) -> Response:
         """Server-sent events: one message per stored event, in arrival order."""
-        if not authorised(request, allow_cookie=True):
-            return _error(401, "missing or wrong token")
-        name = session_name(request)
+        name = readable_session(request)
         if isinstance(name, Response):
             return name
         last = _int(request.headers.get("last-event-id") or request.query_params.get("after"), 0)
