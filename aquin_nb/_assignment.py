@@ -67,13 +67,15 @@ def pair_cosines(
 ) -> np.ndarray:
     """Cosines of the given pairs of unit rows: float32 dot products, float64 when ``exact``."""
     out = np.empty(len(rows), dtype=np.float64)
-    step = 1 << 15
+    # Small chunks: the gathered rows stay in cache (4-5x faster than one big gather
+    # at d = 2304, where gathering is what costs).
+    step = max(64, (1 << 21) // (a.shape[1] * (8 if exact else 4)))
     for start in range(0, len(rows), step):
         left = a[torch.as_tensor(rows[start : start + step])]
         right = b[torch.as_tensor(cols[start : start + step])]
         if exact:
             left, right = left.double(), right.double()
-        out[start : start + step] = torch.einsum("ed,ed->e", left, right).double().numpy()
+        out[start : start + step] = (left * right).sum(1).double().numpy()
     return out
 
 
@@ -106,11 +108,13 @@ def _candidates(
     for start in range(0, n_rows, block):
         values, index = (a16[start : start + block] @ b16_t).topk(k, dim=1)
         cols[start : start + block] = index.numpy()
-        # float32 cosines of the kept edges: one gathered batch matmul per block.
-        rows_f32 = a[start : start + block, None, :]
-        exact[start : start + block] = (
-            torch.bmm(rows_f32, b[index].transpose(1, 2)).squeeze(1).double().numpy()
-        )
+        # float32 cosines of the kept edges: batch matmuls over gathered columns,
+        # 64 rows at a time so the gathered rows stay in cache.
+        for sub in range(0, len(index), 64):
+            rows_f32 = a[start + sub : start + sub + 64, :, None]
+            exact[start + sub : start + sub + 64] = (
+                torch.bmm(b[index[sub : sub + 64]], rows_f32).squeeze(2).double().numpy()
+            )
         # Any column outside the top-k has cosine <= the k-th value (+ bf16 error).
         threshold[start : start + block] = values[:, -1].double().numpy() + BF16_ERROR
         row_max[start : start + block] = values[:, 0].double().numpy() + BF16_ERROR
