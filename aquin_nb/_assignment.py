@@ -87,8 +87,11 @@ def dense_assignment(a: torch.Tensor, b: torch.Tensor) -> Assignment:
     return Assignment(rows, cols, cosines[rows, cols], "dense", True, 0.0)
 
 
-def _row_block(n_cols: int, budget_bytes: int = 1 << 28) -> int:
-    return max(16, min(8192, budget_bytes // (4 * max(n_cols, 1))))
+ROW_BLOCK_BYTES = 1 << 28
+
+
+def _row_block(n_cols: int) -> int:
+    return max(16, min(8192, ROW_BLOCK_BYTES // (4 * max(n_cols, 1))))
 
 
 def _candidates(
@@ -110,10 +113,13 @@ def _candidates(
         cols[start : start + block] = index.numpy()
         # float32 cosines of the kept edges: batch matmuls over gathered columns,
         # 64 rows at a time so the gathered rows stay in cache.
+        block_rows = a[start : start + len(index), :, None]
         for sub in range(0, len(index), 64):
-            rows_f32 = a[start + sub : start + sub + 64, :, None]
-            exact[start + sub : start + sub + 64] = (
-                torch.bmm(b[index[sub : sub + 64]], rows_f32).squeeze(2).double().numpy()
+            exact[start + sub : start + sub + len(index[sub : sub + 64])] = (
+                torch.bmm(b[index[sub : sub + 64]], block_rows[sub : sub + 64])
+                .squeeze(2)
+                .double()
+                .numpy()
             )
         # Any column outside the top-k has cosine <= the k-th value (+ bf16 error).
         threshold[start : start + block] = values[:, -1].double().numpy() + BF16_ERROR

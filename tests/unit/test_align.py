@@ -110,6 +110,23 @@ def orphaned_permutation(n: int, d: int, fraction: float, seed: int):
     return a, b, perm, np.sort(orphans)
 
 
+def test_small_uneven_blocks_give_the_same_candidates_and_optimum(monkeypatch):
+    from aquin_nb import _assignment
+
+    a, b, perm, orphans = orphaned_permutation(500, 64, 0.3, seed=11)
+    whole = _assignment._candidates(a, b, 32, progress=False)
+    dense = match(a, b, "dense", progress=False)
+    # 4 bytes x 500 columns x 100 rows: blocks of 100 rows, not a multiple of 64.
+    monkeypatch.setattr(_assignment, "ROW_BLOCK_BYTES", 4 * 500 * 100)
+    blocked = _assignment._candidates(a, b, 32, progress=False)
+    assert np.array_equal(whole[0], blocked[0])
+    direct = (a[:, None, :] * b[torch.as_tensor(blocked[0])]).sum(-1).double().numpy()
+    assert np.allclose(blocked[1], direct, atol=1e-6)
+    sparse = match(a, b, "sparse", progress=False)
+    assert sparse.optimal
+    assert sparse.cosine.sum() == pytest.approx(dense.cosine.sum(), rel=1e-9)
+
+
 def test_weak_edges_join_the_rows_and_columns_without_partners():
     from aquin_nb._assignment import _candidates, _weak_edges
 
