@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,32 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.diff import _checkpoint  # noqa: E402
-from tests.mirror_server import free_port  # noqa: E402
-
-
-class ServeProcess:
-    """``aquin-nb serve`` in its own process on loopback, as a user runs it."""
-
-    def __init__(self, db: Path, token: str = "bench-token") -> None:
-        self.port, self.token = free_port(), token
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "aquin_nb", "serve", "--port", str(self.port)]
-        self.process = subprocess.Popen(
-            [*command, "--db", str(db), "--token", token], stdout=subprocess.DEVNULL
-        )
-
-    def __enter__(self) -> ServeProcess:
-        for _ in range(100):
-            try:
-                httpx.get(f"{self.url}/static/card.css", timeout=1)
-                return self
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError("aquin-nb serve did not start")
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.terminate()
-        self.process.wait(10)
+from tests.mirror_server import ServeProcess, free_port  # noqa: E402
 
 
 def _compare(

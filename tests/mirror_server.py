@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -68,3 +70,35 @@ class ThreadedServer:
             response = client.get(f"/api/sessions/{session}/invocations")
             response.raise_for_status()
             return response.json()["invocations"]
+
+
+class ServeProcess:
+    """``aquin-nb serve`` in its own process on loopback, as a user runs it."""
+
+    def __init__(self, db: Path, port: int | None = None, token: str = "serve-token") -> None:
+        self.port, self.token = port or free_port(), token
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "aquin_nb", "serve", "--port", str(self.port)]
+        self.process = subprocess.Popen(
+            [*command, "--db", str(db), "--token", token],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def __enter__(self) -> ServeProcess:
+        assert self.process.stdout is not None
+        banner = self.process.stdout.readline()
+        if not banner.startswith("[serve] aquin_nb mirror on"):
+            raise RuntimeError(f"aquin-nb serve did not start: {banner!r}")
+        for _ in range(100):  # the socket is bound before the banner; wait for uvicorn
+            try:
+                httpx.get(f"{self.url}/static/card.css", timeout=1)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("aquin-nb serve did not answer")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.wait(10)

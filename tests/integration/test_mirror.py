@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -17,7 +15,7 @@ import pytest
 import aquin_nb
 from aquin_nb import _events, mirror
 from aquin_nb.cli import main
-from tests.mirror_server import ThreadedServer, free_port
+from tests.mirror_server import ServeProcess, ThreadedServer, free_port
 
 
 @pytest.fixture
@@ -33,6 +31,19 @@ def _no_session_left(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     yield
     mirror.disconnect(timeout=0.5)
+
+
+ALIGN_ARGS = [
+    "sae",
+    "align",
+    "--sae-a",
+    "tiny-gpt2",
+    "--sae-b",
+    "tiny-gpt2",
+    "--max-features",
+    "64",
+    "-q",
+]
 
 
 def synthetic_start() -> dict:
@@ -106,26 +117,7 @@ def test_server_down_the_verb_runs_warns_once_and_delivers_later(tmp_path, tiny_
 
 def test_kill_and_restart_mid_run_loses_and_duplicates_nothing(tmp_path):
     port, db = free_port(), tmp_path / "killed.sqlite"
-    command = [sys.executable, "-m", "aquin_nb", "serve", "--port", str(port), "--db", str(db)]
-
-    def launch() -> subprocess.Popen:
-        process = subprocess.Popen(
-            [*command, "--token", "k1ll"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        line = process.stdout.readline()
-        assert line.startswith("[serve] aquin_nb mirror on"), line
-        for _ in range(50):  # the socket is bound before the banner; wait for uvicorn
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/static/card.css", timeout=1)
-                return process
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise AssertionError("server did not answer")
-
-    server = launch()
+    server = ServeProcess(db, port=port, token="k1ll").__enter__()
     session = mirror.Session(
         "killed", f"http://127.0.0.1:{port}", "k1ll", max_queue=5000, retry_max_s=0.5
     )
@@ -137,10 +129,10 @@ def test_kill_and_restart_mid_run_loses_and_duplicates_nothing(tmp_path):
             session.emit(event)
             time.sleep(0.004)
             if index == 100:
-                server.send_signal(signal.SIGKILL)  # no clean shutdown, mid-stream
-                server.wait()
+                server.process.send_signal(signal.SIGKILL)  # no clean shutdown, mid-stream
+                server.process.wait()
             if index == 200:
-                server = launch()
+                server = ServeProcess(db, port=port, token="k1ll").__enter__()
         assert session.flush(30), f"{session.pending} events still pending"
         response = httpx.get(
             f"http://127.0.0.1:{port}/api/sessions/killed/events",
@@ -151,8 +143,7 @@ def test_kill_and_restart_mid_run_loses_and_duplicates_nothing(tmp_path):
         assert stored == sent  # and in the order they were emitted
     finally:
         session.close(0.5)
-        server.send_signal(signal.SIGTERM)
-        server.wait(10)
+        server.__exit__()
 
 
 def test_undelivered_events_are_spooled_at_exit_and_sent_by_the_next_session(tmp_path):
@@ -242,18 +233,7 @@ def test_cli_sync_flag_mirrors_the_verb(server, monkeypatch, capsys):
     monkeypatch.setenv(mirror.ENV_URL, server.url)
     monkeypatch.setenv(mirror.ENV_TOKEN, server.token)
     monkeypatch.setenv(mirror.ENV_SESSION, "cli-run")
-    args = [
-        "sae",
-        "align",
-        "--sae-a",
-        "tiny-gpt2",
-        "--sae-b",
-        "tiny-gpt2",
-        "--max-features",
-        "64",
-        "-q",
-    ]
-    assert main([*args, "--sync"]) == 0
+    assert main([*ALIGN_ARGS, "--sync"]) == 0
     (row,) = server.invocations("cli-run")
     assert row["tool"] == "sae_align" and row["status"] == "completed"
     assert "warning" not in capsys.readouterr().err
@@ -262,18 +242,7 @@ def test_cli_sync_flag_mirrors_the_verb(server, monkeypatch, capsys):
 def test_cli_with_the_server_down_exits_0_with_one_warning_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv(mirror.ENV_URL, f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv(mirror.ENV_TOKEN, "t")
-    args = [
-        "sae",
-        "align",
-        "--sae-a",
-        "tiny-gpt2",
-        "--sae-b",
-        "tiny-gpt2",
-        "--max-features",
-        "64",
-        "-q",
-    ]
-    assert main(args) == 0  # AQUIN_NB_URL alone turns sync on
+    assert main(ALIGN_ARGS) == 0  # AQUIN_NB_URL alone turns sync on
     captured = capsys.readouterr()
     assert "mean cosine 1.0000" in captured.out
     lines = captured.err.strip().splitlines()
