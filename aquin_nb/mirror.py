@@ -69,7 +69,9 @@ class Session:
     ``emit`` never blocks: events go to a queue of at most ``max_queue`` events
     (the oldest is dropped, and counted in ``dropped``, when it is full) that a
     background thread posts in batches, ``linger_s`` after the first one queued,
-    retrying with backoff up to ``retry_max_s`` seconds apart.
+    retrying with backoff up to ``retry_max_s`` seconds apart. ``delivered``
+    counts events the server acknowledged, ``rejected`` those it would refuse (or
+    did), which are dropped rather than retried.
     """
 
     def __init__(
@@ -248,7 +250,7 @@ class Session:
                 size = BATCH_EVENTS if self._reachable else 1
                 batch = [self._pending.popleft() for _ in range(min(size, len(self._pending)))]
                 self._sending = batch
-            events = [e for e in map(self._materialise, batch) if e is not None]
+            events = [e for e in map(self._materialise, batch) if e is not None and self._valid(e)]
             with self._cond:
                 self._sending = events
             outcome = self._post(events) if events else "ok"
@@ -264,6 +266,15 @@ class Session:
                     self._delivered_ids.update(e["event_id"] for e in events)
                 self._sending = []
                 self._cond.notify_all()
+
+    def _valid(self, event: dict[str, Any]) -> bool:
+        """Drop (and count) an event the server would refuse: one bad event must not
+        take the rest of its batch down with it."""
+        problem = _events.event_problem(event)
+        if problem is not None:
+            self.rejected += 1
+            log.error("mirror: an event was not sent: %s", problem)
+        return problem is None
 
     def _materialise(self, event: Any) -> dict[str, Any] | None:
         if not callable(event):

@@ -295,3 +295,25 @@ def test_capture_and_train_send_their_own_cards(server, tmp_path):
     assert cards[0]["sections"][0]["rows"][0]["layer"] == 2
     line = next(s for s in cards[1]["sections"] if s["type"] == "line")
     assert len(line["y"]) == 5 and line["svg"].startswith("<svg")
+
+
+def test_a_wrong_token_warns_once_and_stores_nothing(server, tiny_sae):
+    session = aquin_nb.connect("wrong-token", url=server.url, token="not-the-token")
+    with pytest.warns(mirror.SyncWarning, match="rejected the token"):
+        aquin_nb.sae_align(tiny_sae, tiny_sae, max_features=32, progress=False)
+        session.flush(1.0)
+    assert session.pending == 2 and session.delivered == 0
+    assert server.events("wrong-token") == []
+
+
+def test_a_bad_event_is_dropped_alone(server):
+    session = aquin_nb.connect("mixed", url=server.url, token=server.token)
+    good = [synthetic_start() for _ in range(3)]
+    session.emit(good[0])
+    session.emit({**synthetic_start(), "tool": "rm_rf"})
+    session.emit(good[1])
+    session.emit({**synthetic_start(), "schema_version": 99})
+    session.emit(good[2])
+    assert session.flush(10)
+    assert session.rejected == 2 and session.delivered == 3
+    assert [e["event_id"] for e in server.events("mixed")] == [e["event_id"] for e in good]
