@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -140,7 +139,7 @@ def result_event(
     tool: str,
     name: str,
     *,
-    started: float,
+    duration_s: float,
     error: BaseException | None = None,
     summary: dict[str, Any] | None = None,
     card: dict[str, Any] | None = None,
@@ -158,7 +157,7 @@ def result_event(
         "time": now_iso(),
         "status": "error" if error is not None else "ok",
         "error": message,
-        "duration_s": round(time.perf_counter() - started, 4),
+        "duration_s": round(duration_s, 4),
         "summary": slim_summary(summary or {}),
         "card": plain(card) if card is not None else None,
     }

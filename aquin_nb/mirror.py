@@ -450,30 +450,33 @@ def synced(tool: str) -> Callable[[F], F]:
             except BaseException as error:
                 session.emit(
                     _events.result_event(
-                        uuid.uuid4().hex, invocation_id, tool, label, started=started, error=error
+                        uuid.uuid4().hex,
+                        invocation_id,
+                        tool,
+                        label,
+                        duration_s=time.perf_counter() - started,
+                        error=error,
                     )
                 )
                 session.warn_if_failing()
                 raise
             finally:
                 _inside_verb.reset(marker)
-            duration_end = time.perf_counter()
+            duration_s = time.perf_counter() - started
             result_id = uuid.uuid4().hex
 
             def build() -> dict[str, Any]:
                 summary, card = _card(tool, result)
                 name = summary.get("name") if isinstance(summary.get("name"), str) else label
-                event = _events.result_event(
+                return _events.result_event(
                     result_id,
                     invocation_id,
                     tool,
                     name or label,
-                    started=started,
+                    duration_s=duration_s,
                     summary=summary,
                     card=card,
                 )
-                event["duration_s"] = round(duration_end - started, 4)
-                return event
 
             session.emit(build)
             session.warn_if_failing()

@@ -101,11 +101,10 @@ def test_hostile_text_in_events_is_shown_as_text_never_run(browser, server):
         begin["invocation_id"],
         "sae_diff",
         hostile,
-        started=0.0,
+        duration_s=0.5,
         error=RuntimeError(hostile),
         card=card,
     )
-    done["duration_s"] = 0.5
     with server.client() as client:
         response = client.post("/api/sessions/hostile/events", json={"events": [begin, done]})
         assert response.status_code == 200

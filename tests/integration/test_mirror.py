@@ -202,7 +202,7 @@ def test_the_stream_sends_rows_live_in_order(server):
     begin = synthetic_start()
     done = {
         **_events.result_event(
-            uuid.uuid4().hex, begin["invocation_id"], "sae_align", "x", started=time.perf_counter()
+            uuid.uuid4().hex, begin["invocation_id"], "sae_align", "x", duration_s=0.1
         )
     }
     received: list[dict] = []

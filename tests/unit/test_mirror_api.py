@@ -41,11 +41,10 @@ def result(start_event: dict, **extra) -> dict:
         start_event["invocation_id"],
         start_event["tool"],
         "run-1",
-        started=0.0,
+        duration_s=1.25,
         summary={"n_changed": 3},
         card=card,
     )
-    event["duration_s"] = 1.25
     event.update(extra)
     return event
 

@@ -38,7 +38,7 @@ def test_a_large_result_is_slimmed_under_the_limit_keeping_summary_and_top_rows(
         uuid.uuid4().hex,
         "sae_diff",
         "r",
-        started=0.0,
+        duration_s=0.0,
         summary=summary,
         card=big_card(20_000),
     )
@@ -54,7 +54,7 @@ def test_a_large_result_is_slimmed_under_the_limit_keeping_summary_and_top_rows(
 def test_a_small_result_is_sent_whole():
     card = big_card(25)
     event = _events.result_event(
-        uuid.uuid4().hex, uuid.uuid4().hex, "sae_align", "r", started=0.0, summary={}, card=card
+        uuid.uuid4().hex, uuid.uuid4().hex, "sae_align", "r", duration_s=0.0, summary={}, card=card
     )
     assert len(event["card"]["sections"][0]["rows"]) == 25 and "token_views" in event["card"]
 
