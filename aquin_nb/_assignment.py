@@ -6,20 +6,23 @@ Sparse, for dictionaries too large for that:
 
 1. candidates: the cosine matrix is computed block by block (bfloat16 matmul,
    never held whole) and each row keeps its top-k columns; the exact float32
-   cosines of those edges are then recomputed. A random permutation of
-   fallback edges guarantees a full matching exists. Rows and columns with no
-   strong partner (a feature new to one dictionary) also get their top-k edges
-   among each other (`_weak_edges`), where the optimum matches them.
+   cosines of those edges are then recomputed. A rigorous per-row bound on the
+   bf16 error (`_bf16_error`) bounds every other column's cosine. A random
+   permutation of fallback edges guarantees a full matching exists. Rows and
+   columns with no strong partner (a feature new to one dictionary) also get
+   their top-k edges among each other (`_weak_edges`), where the optimum
+   matches them.
 2. solve: SciPy's ``min_weight_full_bipartite_matching`` (LAPJVsp) on the
-   candidate graph with costs ``2 - cos``.
+   candidate graph with row-reduced costs ``1 + max_j cos_ij - cos_ij``.
 3. certify: dual potentials of the sparse optimum come from Bellman-Ford on the
    matching's residual graph, started from ``u_i = -cos(i, match)``. A row is
    certified when no edge outside the candidate set can have negative reduced
-   cost: first by its top-k threshold (cheap), otherwise by an exact float32
-   pricing pass over that row. Edges the pricing finds are added (column
-   generation); when warm-started potentials of the same matching settle on the
-   larger graph, the matching is still optimal there and is priced again as it
-   is, otherwise the problem is solved again. When every row is certified, the
+   cost: first by its top-k threshold (cheap), otherwise by a pricing pass over
+   that row with bf16 cosines and their error bound (a lower bound on every
+   reduced cost). Edges whose bound is below a margin are added (column
+   generation); rows with a violating edge are then re-matched by shortest
+   augmenting paths from the current potentials (`_repair`), or, when there are
+   many, the problem is solved again. When every row is certified, the
    matching is provably optimal; otherwise the last pricing gives a bound on
    the gap to the optimum.
 """
@@ -319,12 +322,14 @@ def _repair(
         node_of_col[free_cols] = np.arange(n, nodes)
         weight = np.maximum(edge_cost - u[edge_rows] - v[edge_cols], 0.0)
         graph = sp.csr_matrix(
-            (weight, node_of_col[edge_cols], np.concatenate([indptr, np.full(len(free_cols), indptr[-1])])),
+            (
+                weight,
+                node_of_col[edge_cols],
+                np.concatenate([indptr, np.full(len(free_cols), indptr[-1])]),
+            ),
             shape=(nodes, nodes),
         )
-        dist, pred, _ = dijkstra(
-            graph, indices=free_rows, return_predecessors=True, min_only=True
-        )
+        dist, pred, _ = dijkstra(graph, indices=free_rows, return_predecessors=True, min_only=True)
         target = n + int(np.argmin(dist[n:]))
         shortest = dist[target]
         if not np.isfinite(shortest):
@@ -463,14 +468,14 @@ def _price(
             block = min(_row_block(int(prefix[to_price[start + first_guess - 1]])), remaining)
             chunk = to_price[start : start + block]
             width = int(prefix[chunk[-1]])
-            rows = torch.as_tensor(chunk)
-            approx = (rounded.a16[rows] @ b_sorted[:width].T).float()
+            chunk_rows = torch.as_tensor(chunk)
+            approx = (rounded.a16[chunk_rows] @ b_sorted[:width].T).float()
             # 2 - (cos + its bound) - u - v <= the exact reduced cost.
-            reduced = rounded.bounds(approx, rows).add_(approx).neg_().add_(2.0)
-            reduced -= u32[rows][:, None]
+            reduced = rounded.bounds(approx, chunk_rows).add_(approx).neg_().add_(2.0)
+            reduced -= u32[chunk_rows][:, None]
             reduced -= v_sorted[None, :width]
             beyond = torch.as_tensor(prefix[chunk])[:, None] <= torch.arange(width)[None, :]
-            reduced[beyond] = math.inf  # outside this row's prefix: provably >= 0
+            reduced.masked_fill_(beyond, math.inf)  # outside this row's prefix: provably >= 0
             _price_block(reduced, chunk, order, candidates, position, add_per_row, pricing, found)
             bar.update(len(chunk))
             start += block

@@ -31,6 +31,10 @@ PAIR_COLUMNS = ("a", "b", "cosine", "rank", "encoder_cosine")
 UNMATCHED_COLUMNS = ("side", "feature")
 # Dense SciPy needs 8 bytes per cell; 4096 x 4096 is 134 MB and about a second.
 DENSE_MAX_CELLS = 4096 * 4096
+# Square problems beyond this go sparse even where dense fits: the sparse path
+# proves them optimal and is 3-6x faster at 4096 (benchmarks/align.py, README);
+# rectangular ones stay dense up to DENSE_MAX_CELLS, where sparse only bounds the gap.
+DENSE_MAX_CELLS_SQUARE = 1024 * 1024
 BASELINE_SIDE = 4096
 BASELINE_SEED = 1234
 
@@ -138,7 +142,9 @@ def match(
         raise AquinError(f"method must be auto, dense or sparse, got {method!r}")
     transpose = len(a) > len(b)
     rows, cols = (b, a) if transpose else (a, b)
-    if method == "dense" or (method == "auto" and len(rows) * len(cols) <= DENSE_MAX_CELLS):
+    cells = len(rows) * len(cols)
+    dense_max = DENSE_MAX_CELLS_SQUARE if len(rows) == len(cols) else DENSE_MAX_CELLS
+    if method == "dense" or (method == "auto" and cells <= dense_max):
         result = dense_assignment(rows, cols)
     else:
         result = sparse_assignment(rows, cols, progress=progress)
@@ -233,7 +239,8 @@ def sae_align(
             directory, ``.pt`` ``{cfg, state_dict}``) or SAE objects.
         max_features: align at most this many features per side, chosen by
             `select_features` (frequency when ``frequencies`` is given, else gain).
-        method: ``auto`` (dense SciPy up to 4096 x 4096 cells, sparse beyond),
+        method: ``auto`` (dense SciPy up to 1024 x 1024 for square problems and
+            4096 x 4096 cells for rectangular ones, sparse beyond),
             ``dense`` or ``sparse``.
         force: align SAEs trained on different hooks.
 

@@ -131,8 +131,8 @@ def test_weak_edges_join_the_rows_and_columns_without_partners():
     from aquin_nb._assignment import _candidates, _weak_edges
 
     a, b, perm, orphans = orphaned_permutation(600, 256, 0.2, seed=4)
-    _, _, _, row_max, col_max = _candidates(a, b, 32, progress=False)
-    rows, cols, cos = _weak_edges(a, b, row_max, col_max, 32)
+    _, top_cos, _, _, col_max = _candidates(a, b, 32, progress=False)
+    rows, cols, cos = _weak_edges(a, b, top_cos.max(1), col_max, 32)
     assert np.array_equal(np.unique(rows), orphans)
     assert set(np.unique(cols).tolist()) == set(perm[orphans].tolist())
     assert len(rows) == len(orphans) * 32  # each orphan's top 32 among the orphaned columns
@@ -143,8 +143,74 @@ def test_weak_edges_join_the_rows_and_columns_without_partners():
         unit(torch.randn(600, 256, generator=generator)),
         unit(torch.randn(600, 256, generator=generator)),
     )
-    _, _, _, row_max, col_max = _candidates(a2, b2, 32, progress=False)
-    assert _weak_edges(a2, b2, row_max, col_max, 32) is None
+    _, top_cos, _, _, col_max = _candidates(a2, b2, 32, progress=False)
+    assert _weak_edges(a2, b2, top_cos.max(1), col_max, 32) is None
+
+
+def test_bf16_error_bound_holds_and_adapts_to_the_rounding():
+    """|bf16 cosine - exact| never exceeds the bound pricing relies on, random rows or
+    the worst case for rounding: every entry ±1/sqrt(254), rounded by ≈ 2^-8 of itself,
+    against itself (the errors add up instead of cancelling)."""
+    from aquin_nb._assignment import _Rounded
+
+    def check(a, b):
+        rounded = _Rounded.of(a, b)
+        approx = (rounded.a16 @ rounded.b16.T).float()
+        exact = (a.double() @ b.double().T).float()
+        bound = rounded.bounds(approx.clone(), torch.arange(len(a)))
+        assert ((approx - exact).abs() <= bound).all()
+        return (approx - exact).abs().max().item(), bound.max().item()
+
+    generator = torch.Generator().manual_seed(3)
+    for d in (64, 512, 2304):
+        a, b = (
+            unit(torch.randn(300, d, generator=generator)),
+            unit(torch.randn(400, d, generator=generator)),
+        )
+        b[:50] = a[:50]  # cos = 1
+        b[50:100] = -a[50:100]
+        check(a, b)
+        # The input part (≈ 0.004) is about half the worst case over all inputs, 2^-7.
+        assert _Rounded.of(a, b).error.max() < 0.005
+    signs = torch.randint(0, 2, (40, 254), generator=generator) * 2.0 - 1.0
+    worst = signs / 254**0.5
+    error, bound = check(worst, torch.cat([worst, -worst]))
+    assert error > 0.0075  # a fixed 0.005 would have been wrong here
+    assert error <= bound
+
+
+def test_repair_reaches_the_optimum_of_the_larger_edge_set():
+    """Solve on each row's top 3 columns, then add the top 40: repairing the matching
+    (shortest augmenting paths) gives SciPy's optimum on the 40, with potentials
+    that settle; too many rows to free asks for a full solve instead."""
+    from aquin_nb import _assignment as A
+
+    generator = torch.Generator().manual_seed(8)
+    n = 400
+    a, b = (
+        unit(torch.randn(n, 32, generator=generator)),
+        unit(torch.randn(n, 32, generator=generator)),
+    )
+    cos = (a @ b.T).double().numpy()
+    fallback = np.random.default_rng(0).permutation(n)
+
+    def edges(k):
+        cols = np.argsort(-cos, axis=1)[:, :k]
+        rows = np.concatenate([np.repeat(np.arange(n), k), np.arange(n)])
+        cols = np.concatenate([cols.reshape(-1), fallback])
+        return A._unique_edges(rows, cols, cos[rows, cols], n)
+
+    small, large = edges(3), edges(40)
+    _, cols = A._solve(n, n, *small)
+    u, v, _ = A._duals(n, small[0], small[1], 2.0 - small[2], cols)
+    repaired = A._repair(n, large[0], large[1], 2.0 - large[2], cols, u, v, max_free=n)
+    _, best = A._solve(n, n, *large)
+    total = cos[np.arange(n), repaired].sum()
+    assert sorted(repaired.tolist()) == list(range(n))
+    assert total == pytest.approx(cos[np.arange(n), best].sum(), rel=1e-12)
+    assert total > cos[np.arange(n), cols].sum() + 1e-3  # the larger set did improve it
+    assert A._duals(n, large[0], large[1], 2.0 - large[2], repaired, u) is not None
+    assert A._repair(n, large[0], large[1], 2.0 - large[2], cols, u, v, max_free=2) is None
 
 
 @settings(max_examples=20, deadline=None)
