@@ -212,6 +212,12 @@ def _solve(n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray, cos: np
     return min_weight_full_bipartite_matching(graph)
 
 
+def _check_sorted(edge_rows: np.ndarray) -> None:
+    """`_duals` and `_repair` read each row's edges as one run (as `_unique_edges` sorts them)."""
+    if len(edge_rows) > 1 and bool((edge_rows[1:] < edge_rows[:-1]).any()):
+        raise ValueError("edges must be sorted by row")
+
+
 def _duals(
     n: int,
     edge_rows: np.ndarray,
@@ -230,6 +236,7 @@ def _duals(
     matching is optimal on these edges. Returns (u, v, sweeps), or None if it does
     not settle within ``max_sweeps`` (a negative cycle: the matching is not optimal).
     """
+    _check_sorted(edge_rows)
     row_of_col = np.empty(n, dtype=np.int64)
     row_of_col[match_col] = np.arange(n)
     matched_cost = np.empty(n, dtype=np.float64)
@@ -297,6 +304,7 @@ def _repair(
     import scipy.sparse as sp
     from scipy.sparse.csgraph import dijkstra
 
+    _check_sorted(edge_rows)
     reduced = edge_cost - u[edge_rows] - v[edge_cols]
     freed = np.unique(edge_rows[reduced < -1e-12])
     if len(freed) > max_free:

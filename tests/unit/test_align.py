@@ -211,6 +211,24 @@ def test_repair_reaches_the_optimum_of_the_larger_edge_set():
     assert total > cos[np.arange(n), cols].sum() + 1e-3  # the larger set did improve it
     assert A._duals(n, large[0], large[1], 2.0 - large[2], repaired, u) is not None
     assert A._repair(n, large[0], large[1], 2.0 - large[2], cols, u, v, max_free=2) is None
+    with pytest.raises(ValueError, match="sorted by row"):
+        A._duals(n, large[0][::-1], large[1][::-1], 2.0 - large[2][::-1], repaired)
+
+
+def test_without_repair_the_problem_is_solved_again_to_the_same_optimum(monkeypatch):
+    from aquin_nb import _assignment as A
+
+    a, b, _, _ = orphaned_permutation(600, 48, 0.4, seed=21)
+    dense = match(a, b, "dense", progress=False)
+    repaired = match(a, b, "sparse", progress=False)
+    calls, solve = [], A._solve
+    monkeypatch.setattr(A, "REPAIR_MAX_ROWS", 0)
+    monkeypatch.setattr(A, "_solve", lambda *args: calls.append(1) or solve(*args))
+    resolved = match(a, b, "sparse", progress=False)
+    assert len(calls) >= 2  # the first solve and at least one full re-solve
+    for result in (repaired, resolved):
+        assert result.optimal
+        assert result.cosine.sum() == pytest.approx(dense.cosine.sum(), rel=1e-9)
 
 
 @settings(max_examples=20, deadline=None)
