@@ -227,6 +227,7 @@ def _duals(
     initial: np.ndarray | None = None,
     max_sweeps: int = 100_000,
     quiet: bool = False,
+    n_cols: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int] | None:
     """Potentials (u, v) with u_i + v_j <= cost_ij on every edge and equality on the matching.
 
@@ -235,15 +236,19 @@ def _duals(
     (Bellman-Ford, only re-relaxing edges whose source moved) exists because the
     matching is optimal on these edges. Returns (u, v, sweeps), or None if it does
     not settle within ``max_sweeps`` (a negative cycle: the matching is not optimal).
+
+    Rectangular (``n_cols`` > n): unmatched columns have v_j = 0, so their edges
+    only cap u from above; those caps must be in ``initial``.
     """
     _check_sorted(edge_rows)
-    row_of_col = np.empty(n, dtype=np.int64)
+    n_cols = n if n_cols is None else n_cols
+    row_of_col = np.full(n_cols, -1, dtype=np.int64)
     row_of_col[match_col] = np.arange(n)
-    matched_cost = np.empty(n, dtype=np.float64)
+    matched_cost = np.zeros(n_cols, dtype=np.float64)
     on_match = match_col[edge_rows] == edge_cols
     matched_cost[edge_cols[on_match]] = edge_cost[on_match]
     source = row_of_col[edge_cols]
-    keep = source != edge_rows
+    keep = (source != edge_rows) & (source >= 0)
     source, target = source[keep], edge_rows[keep]
     weight = edge_cost[keep] - matched_cost[edge_cols[keep]]
     # Bellman-Ford from any start gives the largest solution below it. The first
@@ -261,7 +266,7 @@ def _duals(
     for sweep in range(max_sweeps):
         active = np.flatnonzero(moved[source])
         if len(active) == 0:
-            v = matched_cost - u[row_of_col]
+            v = np.where(row_of_col >= 0, matched_cost - u[row_of_col], 0.0)
             logger.debug("dual potentials settled in %d sweeps", sweep)
             return u, v, sweep
         candidate = u[source[active]] + weight[active]
@@ -427,6 +432,7 @@ def _price(
     progress: bool,
     rows: np.ndarray | None = None,
     raised: np.ndarray | None = None,
+    columns: np.ndarray | None = None,
 ) -> _Pricing:
     """Lower bounds on the reduced costs ``2 - cos_ij - u_i - v_j`` of edges outside
     the candidate set: bf16 cosines (AMX matmuls on CPUs that have them, 4-8x
@@ -441,7 +447,8 @@ def _price(
     prefix, and each row is priced against its prefix only. ``raised``: every row
     against those columns only. Between rounds the potentials only fall for rows
     (warm-started Bellman-Ford), so an edge certified earlier can only have lost
-    its certificate through a column whose potential rose.
+    its certificate through a column whose potential rose. ``columns``: price
+    only these (the matched ones, in the rectangular case).
     """
     n_rows, n_cols = len(rounded.a16), len(rounded.b16)
     pricing = _Pricing(
@@ -451,7 +458,12 @@ def _price(
     found: tuple[list, list] = ([np.empty(0, np.int64)], [np.empty(0, np.int64)])
     u32 = torch.as_tensor(u, dtype=torch.float32)
     limit = 2.0 - u - threshold
-    passes = [(np.arange(n_rows) if rows is None else rows, np.arange(n_cols))]
+    passes = [
+        (
+            np.arange(n_rows) if rows is None else rows,
+            np.arange(n_cols) if columns is None else columns,
+        )
+    ]
     if raised is not None and len(raised):
         passes.append((np.arange(n_rows), raised))
     for pass_rows, columns in passes:
@@ -523,6 +535,11 @@ def sparse_assignment(
         edge_cos = np.concatenate([edge_cos, weak[2]])
     edge_rows, edge_cols, edge_cos = _unique_edges(edge_rows, edge_cols, edge_cos, n_cols)
     upper_bound = float(np.maximum(row_max, threshold).sum())
+
+    if n_rows < n_cols:
+        return _sparse_rectangular(
+            a, b, rounded, threshold, (edge_rows, edge_cols, edge_cos), k, max_rounds, progress
+        ) or _gap_bounded(a, b, edge_rows, edge_cols, edge_cos, upper_bound)
 
     square = n_rows == n_cols
     duals: tuple[np.ndarray, np.ndarray, int] | None = None
@@ -599,6 +616,95 @@ def sparse_assignment(
     if duals is None and gap is None:
         gap = max(0.0, upper_bound - float(cosine.sum()))
     return Assignment(rows, cols, cosine, "sparse", gap == 0.0, gap, rounds)
+
+
+def _gap_bounded(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    edge_rows: np.ndarray,
+    edge_cols: np.ndarray,
+    edge_cos: np.ndarray,
+    upper_bound: float,
+) -> Assignment:
+    """The candidate graph's optimum, with the gap to the sum of each row's best cosine."""
+    rows, cols = _solve(len(a), len(b), edge_rows, edge_cols, edge_cos)
+    cosine = pair_cosines(a, b, rows, cols, exact=True)
+    return Assignment(
+        rows, cols, cosine, "sparse", False, max(0.0, upper_bound - float(cosine.sum()))
+    )
+
+
+def _sparse_rectangular(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    rounded: _Rounded,
+    threshold: np.ndarray,
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray],
+    k: int,
+    max_rounds: int,
+    progress: bool,
+) -> Assignment | None:
+    """More columns than rows: the optimum on the candidates, proven optimal over all edges.
+
+    The dual of matching every row with columns used at most once asks for
+    potentials with u_i + v_j <= cost_ij everywhere, v_j <= 0, and v_j = 0 on
+    unmatched columns. Unmatched columns therefore cap u_i at cost_ij: each round
+    finds every row's top-k among the unmatched columns (their exact cosines
+    join the candidates; the k-th bf16 value plus its error bound caps the
+    rest), starts Bellman-Ford from those caps, and checks v_j <= 0 on the
+    matched columns (u_i >= the row's matched cost). Edges to matched columns
+    outside the candidates are priced as in the square case. Returns None when
+    ``max_rounds`` pass without a certificate (the caller then bounds the gap).
+    """
+    n_rows, n_cols = len(a), len(b)
+    edge_rows, edge_cols, edge_cos = edges
+    for round_ in range(1, max_rounds + 1):
+        _, cols = _solve(n_rows, n_cols, edge_rows, edge_cols, edge_cos)
+        free = np.ones(n_cols, dtype=bool)
+        free[cols] = False
+        free_cols = np.flatnonzero(free)
+        free_k = min(k, len(free_cols))
+        top, top_cos, free_threshold, _, _ = _candidates(
+            a, b[torch.as_tensor(free_cols)], free_k, progress=False
+        )
+        edge_rows, edge_cols, edge_cos = _unique_edges(
+            np.concatenate([edge_rows, np.repeat(np.arange(n_rows), free_k)]),
+            np.concatenate([edge_cols, free_cols[top.reshape(-1)]]),
+            np.concatenate([edge_cos, top_cos.reshape(-1)]),
+            n_cols,
+        )
+        cost = 2.0 - edge_cos
+        # u_i <= 2 - cos_ij for every unmatched j: its edges exactly, the rest by the cap.
+        initial = 2.0 - free_threshold if free_k < len(free_cols) else np.full(n_rows, np.inf)
+        to_free = free[edge_cols]
+        np.minimum.at(initial, edge_rows[to_free], cost[to_free])
+        duals = _duals(n_rows, edge_rows, edge_cols, cost, cols, initial, n_cols=n_cols)
+        if duals is None:
+            continue
+        u, v, _ = duals
+        # v_j <= 0 on matched columns (a small float tolerance, as for the edges).
+        if (v[cols] > 1e-12).any() or not np.isfinite(u).all():
+            logger.info("align round %d (rectangular): potentials not yet feasible", round_)
+            continue  # the new edges to unmatched columns change the optimum: solve again
+        pricing = _price(rounded, u, v, threshold, edge_rows, edge_cols, k, progress, columns=cols)
+        logger.info(
+            "align round %d (rectangular): %d violations, %d edges to add",
+            round_,
+            pricing.violations,
+            len(pricing.rows),
+        )
+        if pricing.violations == 0:
+            rows = np.arange(n_rows)
+            return Assignment(
+                rows, cols, pair_cosines(a, b, rows, cols, exact=True), "sparse", True, 0.0, round_
+            )
+        edge_rows, edge_cols, edge_cos = _unique_edges(
+            np.concatenate([edge_rows, pricing.rows]),
+            np.concatenate([edge_cols, pricing.cols]),
+            np.concatenate([edge_cos, pair_cosines(a, b, pricing.rows, pricing.cols)]),
+            n_cols,
+        )
+    return None
 
 
 def _weak_edges(

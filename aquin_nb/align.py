@@ -29,12 +29,11 @@ logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("a", "b", "cosine", "rank", "encoder_cosine")
 UNMATCHED_COLUMNS = ("side", "feature")
-# Dense SciPy needs 8 bytes per cell; 4096 x 4096 is 134 MB and about a second.
-DENSE_MAX_CELLS = 4096 * 4096
-# Square problems beyond this go sparse even where dense fits: the sparse path
-# proves them optimal and is 3-6x faster at 4096 (benchmarks/align.py, README);
-# rectangular ones stay dense up to DENSE_MAX_CELLS, where sparse only bounds the gap.
-DENSE_MAX_CELLS_SQUARE = 1024 * 1024
+# Beyond this many cells the sparse path (proven optimal, square or not) beats
+# SciPy dense: 2-6x at 4096 x 4096, about even at 1024 x 1024 (README figures).
+DENSE_MAX_CELLS = 1024 * 1024
+# The unrelated-dictionary baseline is solved exactly (dense) up to this size.
+BASELINE_EXACT_CELLS = 4096 * 4096
 BASELINE_SIDE = 4096
 BASELINE_SEED = 1234
 
@@ -142,9 +141,7 @@ def match(
         raise AquinError(f"method must be auto, dense or sparse, got {method!r}")
     transpose = len(a) > len(b)
     rows, cols = (b, a) if transpose else (a, b)
-    cells = len(rows) * len(cols)
-    dense_max = DENSE_MAX_CELLS_SQUARE if len(rows) == len(cols) else DENSE_MAX_CELLS
-    if method == "dense" or (method == "auto" and cells <= dense_max):
+    if method == "dense" or (method == "auto" and len(rows) * len(cols) <= DENSE_MAX_CELLS):
         result = dense_assignment(rows, cols)
     else:
         result = sparse_assignment(rows, cols, progress=progress)
@@ -176,7 +173,7 @@ def _baseline(n_a: int, n_b: int, d: int) -> tuple[float, str]:
         right = _unit_rows(torch.randn(cols, d, generator=generator))
         return float(match(left, right, method="dense", progress=False).cosine.mean())
 
-    if n_a * n_b <= DENSE_MAX_CELLS:
+    if n_a * n_b <= BASELINE_EXACT_CELLS:
         return score(n_a, n_b), "exact"
     sizes = []
     for side in (BASELINE_SIDE // 2, BASELINE_SIDE):
@@ -239,8 +236,7 @@ def sae_align(
             directory, ``.pt`` ``{cfg, state_dict}``) or SAE objects.
         max_features: align at most this many features per side, chosen by
             `select_features` (frequency when ``frequencies`` is given, else gain).
-        method: ``auto`` (dense SciPy up to 1024 x 1024 for square problems and
-            4096 x 4096 cells for rectangular ones, sparse beyond),
+        method: ``auto`` (dense SciPy up to 1024 x 1024 cells, sparse beyond),
             ``dense`` or ``sparse``.
         force: align SAEs trained on different hooks.
 

@@ -5,7 +5,9 @@
 
 * structured: B is a noisy permutation of A (noise 0.5/sqrt(d) per coordinate),
   with 20% of B's rows replaced by unrelated random directions;
-* random: A and B unrelated.
+* random: A and B unrelated;
+* rectangular (not run by default): B has 2n rows, a noisy permutation of A's
+  (20% of them unrelated) among n unrelated ones.
 
 Each case runs in a fresh process so its peak RSS is its own. SciPy dense
 (``linear_sum_assignment`` on the float64 cosine matrix) runs beside ours
@@ -34,6 +36,12 @@ if kind == "structured":
     b = unit(a[perm] + 0.5 * torch.randn(n, d, generator=generator) / d ** 0.5)
     unrelated = torch.rand(n, generator=generator) < 0.2
     b[unrelated] = unit(torch.randn(int(unrelated.sum()), d, generator=generator))
+elif kind == "rectangular":
+    b = unit(torch.randn(2 * n, d, generator=generator))
+    perm = torch.randperm(2 * n, generator=generator)[:n]
+    partner = unit(a + 0.5 * torch.randn(n, d, generator=generator) / d ** 0.5)
+    related = torch.rand(n, generator=generator) >= 0.2
+    b[perm[related]] = partner[related]
 else:
     b = unit(torch.randn(n, d, generator=generator))
 start = time.perf_counter()

@@ -249,20 +249,63 @@ def test_sparse_equals_dense_when_some_rows_lost_their_partner(n, d, fraction, s
         assert (sparse.cols[kept] == perm[kept]).all()
 
 
-@settings(max_examples=15, deadline=None)
+@pytest.mark.parametrize("n_a,n_b", [(400, 560), (560, 400)])
+def test_sparse_path_recovers_a_rectangular_permutation(n_a, n_b):
+    """The narrower side's features all have partners among the wider side's."""
+    narrow, wide = min(n_a, n_b), max(n_a, n_b)
+    a, b, perm = noisy_permutation(narrow, wide, 48, 0.5, seed=6)
+    if n_a > n_b:
+        a, b = b, a
+    sparse = match(a, b, "sparse", progress=False)
+    assert sparse.optimal and sparse.gap == 0.0
+    assert sparse.cosine.sum() == pytest.approx(match(a, b, "dense").cosine.sum(), rel=1e-9)
+    found = dict(zip(sparse.rows.tolist(), sparse.cols.tolist(), strict=True))
+    expected = (
+        dict(enumerate(perm.tolist())) if n_a < n_b else {int(p): i for i, p in enumerate(perm)}
+    )
+    assert found == expected
+
+
+@settings(max_examples=25, deadline=None)
 @given(
-    n_a=st.integers(min_value=5, max_value=120),
-    extra=st.integers(min_value=1, max_value=60),
+    n_a=st.integers(min_value=5, max_value=200),
+    extra=st.integers(min_value=1, max_value=200),
+    d=st.sampled_from([8, 32, 256]),
+    kind=st.sampled_from(["structured", "random", "orphaned"]),
+    wider_a=st.booleans(),
     seed=st.integers(min_value=0, max_value=10_000),
 )
-def test_rectangular_sparse_gap_bound_holds(n_a, extra, seed):
-    a, b, _ = noisy_permutation(n_a, n_a + extra, 16, 1.0, seed)
+def test_rectangular_sparse_equals_dense_and_is_proven_optimal(n_a, extra, d, kind, wider_a, seed):
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        a = unit(torch.randn(n_a, d, generator=generator))
+        b = unit(torch.randn(n_a + extra, d, generator=generator))
+    else:
+        a, b, perm = noisy_permutation(n_a, n_a + extra, d, 0.8, seed)
+        if kind == "orphaned":  # a third of the narrow side lost its partner
+            lost = perm[: n_a // 3]
+            b[lost] = unit(torch.randn(len(lost), d, generator=generator))
+    if wider_a:
+        a, b = b, a
     sparse = match(a, b, "sparse", progress=False)
     dense = match(a, b, "dense", progress=False)
-    shortfall = dense.cosine.sum() - sparse.cosine.sum()
-    assert shortfall >= -1e-7
-    assert sparse.gap is not None and sparse.gap >= shortfall - 1e-6
-    assert len(set(sparse.cols.tolist())) == n_a
+    assert sparse.optimal and sparse.gap == 0.0
+    assert sparse.cosine.sum() == pytest.approx(dense.cosine.sum(), rel=1e-7, abs=1e-7)
+    assert len(set(sparse.cols.tolist())) == len(sparse.cols) == n_a
+    assert len(set(sparse.rows.tolist())) == len(sparse.rows)
+
+
+def test_rectangular_gap_bound_holds_when_rounds_run_out():
+    from aquin_nb._assignment import sparse_assignment
+
+    a, b, _ = noisy_permutation(150, 230, 16, 1.0, seed=3)
+    bounded = sparse_assignment(a, b, max_rounds=0, progress=False)
+    dense = match(a, b, "dense", progress=False)
+    shortfall = dense.cosine.sum() - bounded.cosine.sum()
+    assert not bounded.optimal
+    assert shortfall >= -1e-9
+    assert bounded.gap is not None and bounded.gap >= shortfall - 1e-9
+    assert len(set(bounded.cols.tolist())) == 150
 
 
 def test_max_features_by_gain_and_by_frequency():
