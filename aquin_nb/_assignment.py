@@ -435,7 +435,7 @@ def _price(
     columns: np.ndarray | None = None,
 ) -> _Pricing:
     """Lower bounds on the reduced costs ``2 - cos_ij - u_i - v_j`` of edges outside
-    the candidate set: bf16 cosines (AMX matmuls on CPUs that have them, 4-8x
+    the candidate set: bf16 cosines (AMX matmuls on CPUs that have them, about 4x
     float32) plus their rigorous error bound (`_bf16_error`, ≈ 0.005). An edge
     whose bound is below zero is added to the candidates, where its exact cosine
     is used, even if its exact reduced cost is not negative; so a certified row
