@@ -151,7 +151,12 @@ class _Rounded:
 
 
 def _candidates(
-    a: torch.Tensor, b: torch.Tensor, k: int, progress: bool, rounded: _Rounded | None = None
+    a: torch.Tensor,
+    b: torch.Tensor,
+    k: int,
+    progress: bool,
+    rounded: _Rounded | None = None,
+    desc: str = "align: candidates",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Top-k columns per row (bf16 blockwise), their float32 cosines, per row a
     bound on any other column's cosine and on the row's maximum, and per column
@@ -169,7 +174,7 @@ def _candidates(
     # in cache, and reused rather than allocated per step.
     group = 16
     gathered = torch.empty(group * k, b.shape[1], dtype=b.dtype)
-    bar = tqdm(total=n_rows, desc="align: candidates", disable=not progress, unit="row")
+    bar = tqdm(total=n_rows, desc=desc, disable=not progress, unit="row")
     for start in range(0, n_rows, block):
         values, index = (a16[start : start + block] @ b16_t).topk(k, dim=1)
         cols[start : start + block] = index.numpy()
@@ -665,7 +670,7 @@ def _sparse_rectangular(
         free_cols = np.flatnonzero(free)
         free_k = min(k, len(free_cols))
         top, top_cos, free_threshold, _, _ = _candidates(
-            a, b[torch.as_tensor(free_cols)], free_k, progress=False
+            a, b[torch.as_tensor(free_cols)], free_k, progress, desc="align: unmatched columns"
         )
         edge_rows, edge_cols, edge_cos = _unique_edges(
             np.concatenate([edge_rows, np.repeat(np.arange(n_rows), free_k)]),
