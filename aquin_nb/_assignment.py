@@ -50,6 +50,8 @@ NEAR_MARGIN = 0.02
 # re-matched by shortest augmenting paths (one Dijkstra each); more, and the
 # problem is solved again.
 REPAIR_MAX_ROWS = 64
+# Bellman-Ford sweeps before the potentials are declared unsettled (a negative cycle).
+MAX_SWEEPS = 100_000
 # A row or column with no cosine above this has no clear partner (see _weak_edges).
 WEAK = 0.5
 
@@ -230,8 +232,6 @@ def _duals(
     edge_cost: np.ndarray,
     match_col: np.ndarray,
     initial: np.ndarray | None = None,
-    max_sweeps: int = 100_000,
-    quiet: bool = False,
     n_cols: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int] | None:
     """Potentials (u, v) with u_i + v_j <= cost_ij on every edge and equality on the matching.
@@ -240,7 +240,7 @@ def _duals(
     u_i <= u_r(j) + cost_ij - cost(r(j), j); their shortest-path solution
     (Bellman-Ford, only re-relaxing edges whose source moved) exists because the
     matching is optimal on these edges. Returns (u, v, sweeps), or None if it does
-    not settle within ``max_sweeps`` (a negative cycle: the matching is not optimal).
+    not settle within ``MAX_SWEEPS`` (a negative cycle: the matching is not optimal).
 
     Rectangular (``n_cols`` > n): unmatched columns have v_j = 0, so their edges
     only cap u from above; those caps must be in ``initial``.
@@ -268,7 +268,7 @@ def _duals(
     else:
         u = initial.copy()
     moved = np.ones(n, dtype=bool)
-    for sweep in range(max_sweeps):
+    for sweep in range(MAX_SWEEPS):
         active = np.flatnonzero(moved[source])
         if len(active) == 0:
             v = np.where(row_of_col >= 0, matched_cost - u[row_of_col], 0.0)
@@ -285,8 +285,7 @@ def _duals(
         moved = np.zeros(n, dtype=bool)
         moved[rows[lower]] = True
         u[rows[lower]] = best[lower]
-    if not quiet:
-        logger.warning("dual potentials did not settle; the result carries only a gap bound")
+    logger.warning("dual potentials did not settle; the result carries only a gap bound")
     return None
 
 
@@ -528,17 +527,15 @@ def sparse_assignment(
     top_cols, top_cos, threshold, row_max, col_max = _candidates(a, b, k, progress, rounded)
     rng = np.random.default_rng(seed)
     fallback = rng.permutation(n_cols)[:n_rows]
-    edge_rows = np.concatenate([np.repeat(np.arange(n_rows), k), np.arange(n_rows)])
-    edge_cols = np.concatenate([top_cols.reshape(-1), fallback])
-    edge_cos = np.concatenate(
-        [top_cos.reshape(-1), pair_cosines(a, b, np.arange(n_rows), fallback)]
-    )
+    parts = [
+        (np.repeat(np.arange(n_rows), k), top_cols.reshape(-1), top_cos.reshape(-1)),
+        (np.arange(n_rows), fallback, pair_cosines(a, b, np.arange(n_rows), fallback)),
+    ]
     weak = _weak_edges(a, b, top_cos.max(1), col_max, k)
     if weak is not None:
-        edge_rows = np.concatenate([edge_rows, weak[0]])
-        edge_cols = np.concatenate([edge_cols, weak[1]])
-        edge_cos = np.concatenate([edge_cos, weak[2]])
-    edge_rows, edge_cols, edge_cos = _unique_edges(edge_rows, edge_cols, edge_cos, n_cols)
+        parts.append(weak)
+    all_rows, all_cols, all_cos = (np.concatenate(column) for column in zip(*parts, strict=True))
+    edge_rows, edge_cols, edge_cos = _unique_edges(all_rows, all_cols, all_cos, n_cols)
     upper_bound = float(np.maximum(row_max, threshold).sum())
 
     if n_rows < n_cols:
@@ -546,7 +543,6 @@ def sparse_assignment(
             a, b, rounded, threshold, (edge_rows, edge_cols, edge_cos), k, max_rounds, progress
         ) or _gap_bounded(a, b, edge_rows, edge_cols, edge_cos, upper_bound)
 
-    square = n_rows == n_cols
     duals: tuple[np.ndarray, np.ndarray, int] | None = None
     rows = cols = None
     previous_v: np.ndarray | None = None
@@ -555,26 +551,22 @@ def sparse_assignment(
     rounds = 0
     while True:
         rounds += 1
-        previous = duals[0] if duals is not None else None
-        duals_before, duals = duals[:2] if duals is not None else None, None
-        if square and cols is not None and duals_before is not None:
+        before, duals = duals, None
+        previous = before[0] if before is not None else None
+        cost = 2.0 - edge_cos
+        if cols is not None and before is not None:
             # Few rows with violating edges: re-match just those (shortest
             # augmenting paths) instead of solving the whole problem again.
-            repaired = _repair(
-                n_rows, edge_rows, edge_cols, 2.0 - edge_cos, cols, *duals_before, REPAIR_MAX_ROWS
-            )
+            u, v, _ = before
+            repaired = _repair(n_rows, edge_rows, edge_cols, cost, cols, u, v, REPAIR_MAX_ROWS)
             if repaired is not None:
                 cols = repaired
-                duals = _duals(n_rows, edge_rows, edge_cols, 2.0 - edge_cos, cols, previous)
+                duals = _duals(n_rows, edge_rows, edge_cols, cost, cols, previous)
         if duals is None:
             rows, cols = _solve(n_rows, n_cols, edge_rows, edge_cols, edge_cos)
-            duals = (
-                _duals(n_rows, edge_rows, edge_cols, 2.0 - edge_cos, cols, previous)
-                if square
-                else None
-            )
+            duals = _duals(n_rows, edge_rows, edge_cols, cost, cols, previous)
         if duals is None:
-            break  # rectangular: the gap comes from the upper bound below
+            break  # potentials did not settle: the gap comes from the upper bound below
         u, v, _ = duals
         if previous_v is None:
             pricing = _price(rounded, u, v, threshold, edge_rows, edge_cols, k, progress)
@@ -612,10 +604,13 @@ def sparse_assignment(
         previous_v = v
         after = pricing.after
         after_floor = np.where(np.isfinite(after), after, 0.0)
-        edge_rows = np.concatenate([edge_rows, pricing.rows])
-        edge_cols = np.concatenate([edge_cols, pricing.cols])
-        edge_cos = np.concatenate([edge_cos, pair_cosines(a, b, pricing.rows, pricing.cols)])
-        edge_rows, edge_cols, edge_cos = _unique_edges(edge_rows, edge_cols, edge_cos, n_cols)
+        edge_rows, edge_cols, edge_cos = _add_edges(
+            (edge_rows, edge_cols, edge_cos),
+            pricing.rows,
+            pricing.cols,
+            pair_cosines(a, b, pricing.rows, pricing.cols),
+            n_cols,
+        )
     assert rows is not None and cols is not None
     cosine = pair_cosines(a, b, rows, cols, exact=True)
     if duals is None and gap is None:
@@ -672,10 +667,11 @@ def _sparse_rectangular(
         top, top_cos, free_threshold, _, _ = _candidates(
             a, b[torch.as_tensor(free_cols)], free_k, progress, desc="align: unmatched columns"
         )
-        edge_rows, edge_cols, edge_cos = _unique_edges(
-            np.concatenate([edge_rows, np.repeat(np.arange(n_rows), free_k)]),
-            np.concatenate([edge_cols, free_cols[top.reshape(-1)]]),
-            np.concatenate([edge_cos, top_cos.reshape(-1)]),
+        edge_rows, edge_cols, edge_cos = _add_edges(
+            (edge_rows, edge_cols, edge_cos),
+            np.repeat(np.arange(n_rows), free_k),
+            free_cols[top.reshape(-1)],
+            top_cos.reshape(-1),
             n_cols,
         )
         cost = 2.0 - edge_cos
@@ -703,10 +699,11 @@ def _sparse_rectangular(
             return Assignment(
                 rows, cols, pair_cosines(a, b, rows, cols, exact=True), "sparse", True, 0.0, round_
             )
-        edge_rows, edge_cols, edge_cos = _unique_edges(
-            np.concatenate([edge_rows, pricing.rows]),
-            np.concatenate([edge_cols, pricing.cols]),
-            np.concatenate([edge_cos, pair_cosines(a, b, pricing.rows, pricing.cols)]),
+        edge_rows, edge_cols, edge_cos = _add_edges(
+            (edge_rows, edge_cols, edge_cos),
+            pricing.rows,
+            pricing.cols,
+            pair_cosines(a, b, pricing.rows, pricing.cols),
             n_cols,
         )
     return None
@@ -739,3 +736,19 @@ def _unique_edges(
     """Edges sorted by (row, col) with duplicates dropped."""
     keys, first = np.unique(rows.astype(np.int64) * n_cols + cols, return_index=True)
     return keys // n_cols, keys % n_cols, cos[first]
+
+
+def _add_edges(
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray],
+    rows: np.ndarray,
+    cols: np.ndarray,
+    cos: np.ndarray,
+    n_cols: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The edge set with these edges joined, sorted by (row, col), duplicates dropped."""
+    return _unique_edges(
+        np.concatenate([edges[0], rows]),
+        np.concatenate([edges[1], cols]),
+        np.concatenate([edges[2], cos]),
+        n_cols,
+    )
