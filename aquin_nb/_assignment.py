@@ -604,12 +604,8 @@ def sparse_assignment(
         previous_v = v
         after = pricing.after
         after_floor = np.where(np.isfinite(after), after, 0.0)
-        edge_rows, edge_cols, edge_cos = _add_edges(
-            (edge_rows, edge_cols, edge_cos),
-            pricing.rows,
-            pricing.cols,
-            pair_cosines(a, b, pricing.rows, pricing.cols),
-            n_cols,
+        edge_rows, edge_cols, edge_cos = _add_priced(
+            a, b, (edge_rows, edge_cols, edge_cos), pricing
         )
     assert rows is not None and cols is not None
     cosine = pair_cosines(a, b, rows, cols, exact=True)
@@ -699,12 +695,8 @@ def _sparse_rectangular(
             return Assignment(
                 rows, cols, pair_cosines(a, b, rows, cols, exact=True), "sparse", True, 0.0, round_
             )
-        edge_rows, edge_cols, edge_cos = _add_edges(
-            (edge_rows, edge_cols, edge_cos),
-            pricing.rows,
-            pricing.cols,
-            pair_cosines(a, b, pricing.rows, pricing.cols),
-            n_cols,
+        edge_rows, edge_cols, edge_cos = _add_priced(
+            a, b, (edge_rows, edge_cols, edge_cos), pricing
         )
     return None
 
@@ -752,3 +744,14 @@ def _add_edges(
         np.concatenate([edges[2], cos]),
         n_cols,
     )
+
+
+def _add_priced(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray],
+    pricing: _Pricing,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The edge set with the edges pricing found, at their float32 cosines."""
+    cos = pair_cosines(a, b, pricing.rows, pricing.cols)
+    return _add_edges(edges, pricing.rows, pricing.cols, cos, len(b))
