@@ -111,14 +111,15 @@ def orphaned_permutation(n: int, d: int, fraction: float, seed: int):
 
 
 def test_small_uneven_blocks_give_the_same_candidates_and_optimum(monkeypatch):
-    from aquin_nb import _assignment
+    from aquin_nb._assignment import bound
+    from aquin_nb._assignment.candidates import top_k
 
     a, b, perm, orphans = orphaned_permutation(500, 64, 0.3, seed=11)
-    whole = _assignment._candidates(a, b, 32, progress=False)
+    whole = top_k(a, b, 32, progress=False)
     dense = match(a, b, "dense", progress=False)
     # 4 bytes x 500 columns x 100 rows: blocks of 100 rows, not a multiple of 64.
-    monkeypatch.setattr(_assignment, "ROW_BLOCK_BYTES", 4 * 500 * 100)
-    blocked = _assignment._candidates(a, b, 32, progress=False)
+    monkeypatch.setattr(bound, "ROW_BLOCK_BYTES", 4 * 500 * 100)
+    blocked = top_k(a, b, 32, progress=False)
     assert np.array_equal(whole[0], blocked[0])
     direct = (a[:, None, :] * b[torch.as_tensor(blocked[0])]).sum(-1).double().numpy()
     assert np.allclose(blocked[1], direct, atol=1e-6)
@@ -128,11 +129,12 @@ def test_small_uneven_blocks_give_the_same_candidates_and_optimum(monkeypatch):
 
 
 def test_weak_edges_join_the_rows_and_columns_without_partners():
-    from aquin_nb._assignment import _candidates, _weak_edges
+    from aquin_nb._assignment.candidates import top_k, weak_edges
 
     a, b, perm, orphans = orphaned_permutation(600, 256, 0.2, seed=4)
-    _, top_cos, _, _, col_max = _candidates(a, b, 32, progress=False)
-    rows, cols, cos = _weak_edges(a, b, top_cos.max(1), col_max, 32)
+    _, top_cos, _, _, col_max = top_k(a, b, 32, progress=False)
+    weak = weak_edges(a, b, top_cos.max(1), col_max, 32)
+    rows, cols, cos = weak.rows, weak.cols, weak.cos
     assert np.array_equal(np.unique(rows), orphans)
     assert set(np.unique(cols).tolist()) == set(perm[orphans].tolist())
     assert len(rows) == len(orphans) * 32  # each orphan's top 32 among the orphaned columns
@@ -143,18 +145,18 @@ def test_weak_edges_join_the_rows_and_columns_without_partners():
         unit(torch.randn(600, 256, generator=generator)),
         unit(torch.randn(600, 256, generator=generator)),
     )
-    _, top_cos, _, _, col_max = _candidates(a2, b2, 32, progress=False)
-    assert _weak_edges(a2, b2, top_cos.max(1), col_max, 32) is None
+    _, top_cos, _, _, col_max = top_k(a2, b2, 32, progress=False)
+    assert weak_edges(a2, b2, top_cos.max(1), col_max, 32) is None
 
 
 def test_bf16_error_bound_holds_and_adapts_to_the_rounding():
     """|bf16 cosine - exact| never exceeds the bound pricing relies on, random rows or
     the worst case for rounding: every entry ±1/sqrt(254), rounded by ≈ 2^-8 of itself,
     against itself (the errors add up instead of cancelling)."""
-    from aquin_nb._assignment import _Rounded
+    from aquin_nb._assignment.bound import Rounded
 
     def check(a, b):
-        rounded = _Rounded.of(a, b)
+        rounded = Rounded.of(a, b)
         approx = (rounded.a16 @ rounded.b16.T).float()
         exact = (a.double() @ b.double().T).float()
         bound = rounded.bounds(approx.clone(), torch.arange(len(a)))
@@ -171,7 +173,7 @@ def test_bf16_error_bound_holds_and_adapts_to_the_rounding():
         b[50:100] = -a[50:100]
         check(a, b)
         # The input part (≈ 0.004) is about half the worst case over all inputs, 2^-7.
-        assert _Rounded.of(a, b).error.max() < 0.005
+        assert Rounded.of(a, b).error.max() < 0.005
     signs = torch.randint(0, 2, (40, 254), generator=generator) * 2.0 - 1.0
     worst = signs / 254**0.5
     error, bound = check(worst, torch.cat([worst, -worst]))
@@ -183,7 +185,8 @@ def test_repair_reaches_the_optimum_of_the_larger_edge_set():
     """Solve on each row's top 3 columns, then add the top 40: repairing the matching
     (shortest augmenting paths) gives SciPy's optimum on the 40, with potentials
     that settle; too many rows to free asks for a full solve instead."""
-    from aquin_nb import _assignment as A
+    from aquin_nb._assignment.duals import potentials, repair
+    from aquin_nb._assignment.edges import Edges, solve
 
     generator = torch.Generator().manual_seed(8)
     n = 400
@@ -198,32 +201,32 @@ def test_repair_reaches_the_optimum_of_the_larger_edge_set():
         cols = np.argsort(-cos, axis=1)[:, :k]
         rows = np.concatenate([np.repeat(np.arange(n), k), np.arange(n)])
         cols = np.concatenate([cols.reshape(-1), fallback])
-        return A._unique_edges(rows, cols, cos[rows, cols], n)
+        return Edges.of(rows, cols, cos[rows, cols], n)
 
     small, large = edges(3), edges(40)
-    _, cols = A._solve(n, n, *small)
-    u, v, _ = A._duals(n, small[0], small[1], 2.0 - small[2], cols)
-    repaired = A._repair(n, large[0], large[1], 2.0 - large[2], cols, u, v, max_free=n)
-    _, best = A._solve(n, n, *large)
+    _, cols = solve(n, n, small)
+    u, v, _ = potentials(n, small, cols)
+    repaired = repair(n, large, cols, u, v, max_free=n)
+    _, best = solve(n, n, large)
     total = cos[np.arange(n), repaired].sum()
     assert sorted(repaired.tolist()) == list(range(n))
     assert total == pytest.approx(cos[np.arange(n), best].sum(), rel=1e-12)
     assert total > cos[np.arange(n), cols].sum() + 1e-3  # the larger set did improve it
-    assert A._duals(n, large[0], large[1], 2.0 - large[2], repaired, u) is not None
-    assert A._repair(n, large[0], large[1], 2.0 - large[2], cols, u, v, max_free=2) is None
+    assert potentials(n, large, repaired, u) is not None
+    assert repair(n, large, cols, u, v, max_free=2) is None
     with pytest.raises(ValueError, match="sorted by row"):
-        A._duals(n, large[0][::-1], large[1][::-1], 2.0 - large[2][::-1], repaired)
+        Edges(large.rows[::-1], large.cols[::-1], large.cos[::-1])
 
 
 def test_without_repair_the_problem_is_solved_again_to_the_same_optimum(monkeypatch):
-    from aquin_nb import _assignment as A
+    from aquin_nb._assignment import square
 
     a, b, _, _ = orphaned_permutation(600, 48, 0.4, seed=21)
     dense = match(a, b, "dense", progress=False)
     repaired = match(a, b, "sparse", progress=False)
-    calls, solve = [], A._solve
-    monkeypatch.setattr(A, "REPAIR_MAX_ROWS", 0)
-    monkeypatch.setattr(A, "_solve", lambda *args: calls.append(1) or solve(*args))
+    calls, solve = [], square.solve
+    monkeypatch.setattr(square, "REPAIR_MAX_ROWS", 0)
+    monkeypatch.setattr(square, "solve", lambda *args: calls.append(1) or solve(*args))
     resolved = match(a, b, "sparse", progress=False)
     assert len(calls) >= 2  # the first solve and at least one full re-solve
     for result in (repaired, resolved):
