@@ -2,10 +2,12 @@
 
 Importing the package does no work: the verbs load torch and friends on first use.
 
-Example:
+Example (``checkpoint`` is any fine-tuned checkpoint of tiny-gpt2, e.g. the one
+``aquin-nb demo`` writes to ``demo_out/run/checkpoints/checkpoint.pt``):
     >>> import aquin_nb
-    >>> diff = aquin_nb.sae_diff("tiny-gpt2", "runs/lora/checkpoints/checkpoint.pt")  # doctest: +SKIP
-    >>> diff.summary["n_changed"]  # doctest: +SKIP
+    >>> diff = aquin_nb.sae_diff("tiny-gpt2", checkpoint, progress=False)
+    >>> diff.summary["n_features"], diff.summary["n_changed"] > 0
+    (1536, True)
 """
 
 from __future__ import annotations
@@ -38,17 +40,17 @@ __all__ = [
 ]
 
 _LAZY = {
-    "Simulation": "aquin_nb.simulate",
+    "Simulation": "aquin_nb.results",
     "simulate": "aquin_nb.simulate",
-    "Capture": "aquin_nb.capture",
-    "TrainedSae": "aquin_nb.train",
+    "Capture": "aquin_nb.results",
+    "TrainedSae": "aquin_nb.results",
     "capture_activations": "aquin_nb.capture",
     "sae_train": "aquin_nb.train",
     "Run": "aquin_nb.run",
     "connect": "aquin_nb.mirror",
     "disconnect": "aquin_nb.mirror",
-    "SaeAlign": "aquin_nb.align",
-    "SaeDiff": "aquin_nb.diff",
+    "SaeAlign": "aquin_nb.results",
+    "SaeDiff": "aquin_nb.results",
     "load_model": "aquin_nb.models",
     "load_sae": "aquin_nb.saes",
     "sae_align": "aquin_nb.align",
@@ -56,15 +58,16 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .align import SaeAlign, sae_align
-    from .capture import Capture, capture_activations
-    from .diff import SaeDiff, sae_diff
+    from .align import sae_align
+    from .capture import capture_activations
+    from .diff import sae_diff
     from .mirror import connect, disconnect
     from .models import load_model
+    from .results import Capture, SaeAlign, SaeDiff, Simulation, TrainedSae
     from .run import Run
     from .saes import load_sae
-    from .simulate import Simulation, simulate
-    from .train import TrainedSae, sae_train
+    from .simulate import simulate
+    from .train import sae_train
 
 
 def __getattr__(name: str) -> Any:

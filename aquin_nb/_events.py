@@ -24,15 +24,19 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from .results import RESULT_TYPES
+
 SCHEMA_VERSION = 1
 MAX_EVENT_BYTES = 64 * 1024
 MAX_REQUEST_BYTES = 1024 * 1024
 MAX_SUMMARY_ENTRY_BYTES = 4 * 1024
 MAX_ARGUMENT_CHARS = 200
-TOOLS = ("sae_diff", "capture_activations", "sae_train", "sae_align", "simulate")
+# The verbs and card kinds come from the result registry: adding a result type
+# adds its verb and its card kind to the schema.
+TOOLS = tuple(result.verb for result in RESULT_TYPES.values())
+CARD_KINDS = tuple(RESULT_TYPES)
 EVENT_TYPES = ("tool.start", "tool.result")
 STATUSES = ("ok", "error")
-CARD_KINDS = ("sae_diff", "sae_align", "sae_train", "capture")
 SECTION_TYPES = ("bars", "table", "histogram", "heatmap", "line")
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ID = re.compile(r"[0-9a-f]{32}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,14 @@ import torch
 from . import __version__
 from ._assignment import Assignment, dense_assignment, sparse_assignment
 from ._errors import AquinError
-from ._results import mimebundle, read_result, write_result
-from .mirror import synced
+from ._verbs import verb
+from .results import PAIR_COLUMNS, UNMATCHED_COLUMNS, SaeAlign
 from .saes import load_sae
 
 logger = logging.getLogger(__name__)
 
-PAIR_COLUMNS = ("a", "b", "cosine", "rank", "encoder_cosine")
-UNMATCHED_COLUMNS = ("side", "feature")
+__all__ = ["PAIR_COLUMNS", "UNMATCHED_COLUMNS", "SaeAlign", "sae_align"]
+
 # Beyond this many cells the sparse path (proven optimal, square or not) beats
 # SciPy dense: 2-6x at 4096 x 4096, about even at 1024 x 1024 (README figures).
 DENSE_MAX_CELLS = 1024 * 1024
@@ -36,68 +35,6 @@ DENSE_MAX_CELLS = 1024 * 1024
 BASELINE_EXACT_CELLS = 4096 * 4096
 BASELINE_SIDE = 4096
 BASELINE_SEED = 1234
-
-
-@dataclass(frozen=True, eq=False)
-class SaeAlign:
-    """The matching of SAE A's features to SAE B's.
-
-    ``summary``: ``n_a``, ``n_b`` (features aligned on each side), ``n_matched``,
-    ``mean_cosine``, ``median_cosine``, ``frac_above_0.5``/``0.7``/``0.9``,
-    ``method`` (``dense`` or ``sparse``), ``optimal`` (proven), ``gap`` (an upper
-    bound on the optimal total cosine minus ours; 0 when optimal),
-    ``baseline_mean_cosine`` (an unrelated random dictionary of B's shape aligned
-    to A the same way) with ``baseline_method``, ``selection``, ``hook_a``,
-    ``hook_b``, ``d_in``, ``sae_a``, ``sae_b``, ``tool_version``.
-
-    ``pairs``: one row per matched pair, sorted by cosine descending: ``a``, ``b``
-    (feature indices in each SAE), ``cosine`` (of the unit decoder rows), ``rank``
-    (1 = strongest) and ``encoder_cosine`` (of the two encoder columns).
-    ``unmatched``: the wider side's features left without a partner (``side``,
-    ``feature``).
-    """
-
-    summary: dict[str, Any]
-    pairs: pd.DataFrame
-    unmatched: pd.DataFrame
-
-    def widget(self) -> Any:
-        """A live, sortable card (anywidget)."""
-        from .cards.widget import CardWidget
-
-        return CardWidget.for_result(self, "sae_align")
-
-    def strongest(self, k: int = 10) -> pd.DataFrame:
-        return self.pairs.head(k).reset_index(drop=True)
-
-    def weakest(self, k: int = 10) -> pd.DataFrame:
-        return self.pairs.tail(k).iloc[::-1].reset_index(drop=True)
-
-    def to_json(self, path: str | Path) -> Path:
-        return write_result(
-            path, "sae_align", self.summary, pairs=self.pairs, unmatched=self.unmatched
-        )
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> SaeAlign:
-        payload = read_result(path, "sae_align")
-        return cls(
-            summary=payload["summary"],
-            pairs=pd.DataFrame(payload["pairs"], columns=list(PAIR_COLUMNS)),
-            unmatched=pd.DataFrame(payload["unmatched"], columns=list(UNMATCHED_COLUMNS)),
-        )
-
-    def __repr__(self) -> str:
-        s = self.summary
-        proof = "optimal" if s["optimal"] else f"gap <= {s['gap']:.3g}"
-        return (
-            f"SaeAlign({s['n_matched']} pairs of {s['n_a']} x {s['n_b']}: mean cosine "
-            f"{s['mean_cosine']:.3f} (unrelated baseline {s['baseline_mean_cosine']:.3f}), "
-            f"{s['method']}, {proof})"
-        )
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
-        return mimebundle(self, "sae_align")
 
 
 def select_features(sae: Any, max_features: int | None, frequencies: Any = None) -> np.ndarray:
@@ -218,7 +155,7 @@ def _histogram(cosine: np.ndarray, bins: int = 20) -> dict[str, Any]:
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
 
 
-@synced("sae_align")
+@verb("sae_align")
 def sae_align(
     sae_a: Any,
     sae_b: Any,

@@ -10,10 +10,8 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,86 +28,17 @@ from ._activations import (
 )
 from ._errors import AquinError
 from ._io import atomic_torch_save, atomic_write_json
-from ._results import mimebundle
+from ._verbs import verb
 from .catalog import find_entry
-from .mirror import synced
 from .probes import load_prompts
+from .results import MANIFEST, Capture
 from .saes import SaeNumerics, load_sae, parse_hook, sae_numerics
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["MANIFEST", "Capture", "capture_activations", "read_shard"]
+
 POSITIONS = ("all", "last", "mean")
-MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True, eq=False)
-class Capture:
-    """A capture directory: ``manifest.json`` plus ``layers/layer_<N>.pt`` shards.
-
-    ``summary`` is the manifest: ``model``, ``checkpoint``, ``name``, ``layers``,
-    ``hooks``, ``position``, ``n_prompts``, ``n_rows``, ``d_model``, ``shapes``,
-    ``dtype``, ``prepend_bos``, ``processing``, ``sae_layer``, ``created`` and
-    ``tool_version``. Each shard holds ``{"activations": [rows, d_model],
-    "prompt_index": [rows]}``; with ``position="all"`` a row is a token (BOS
-    excluded), otherwise a prompt.
-    """
-
-    directory: Path
-    summary: dict[str, Any]
-
-    def widget(self) -> Any:
-        """A live, sortable card (anywidget)."""
-        from .cards.widget import CardWidget
-
-        return CardWidget.for_result(self, "capture")
-
-    def layer_path(self, layer: int) -> Path:
-        return self.directory / "layers" / f"layer_{layer}.pt"
-
-    def load_layer(self, layer: int) -> torch.Tensor:
-        if layer not in self.summary["layers"]:
-            raise AquinError(
-                f"capture {self.directory} has no layer {layer} (it has {self.summary['layers']})"
-            )
-        return read_shard(self.layer_path(layer), self.summary["d_model"])["activations"]
-
-    @classmethod
-    def open(cls, directory: str | Path) -> Capture:
-        """Read and check a capture directory's manifest."""
-        directory = Path(directory)
-        path = directory / MANIFEST
-        try:
-            manifest = json.loads(path.read_text("utf-8"))
-        except FileNotFoundError:
-            raise AquinError(f"activations directory {directory} has no {MANIFEST}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise AquinError(f"{path} is not a valid manifest: {error}") from None
-        required = {"layers", "d_model", "position", "hooks"}
-        if not isinstance(manifest, dict) or not required <= set(manifest):
-            missing = sorted(required - set(manifest)) if isinstance(manifest, dict) else required
-            raise AquinError(f"{path} is not a valid manifest: missing {missing}")
-        return cls(directory=directory, summary=manifest)
-
-    def to_json(self, path: str | Path) -> Path:
-        return atomic_write_json(
-            path,
-            {
-                "schema_version": 1,
-                "kind": "capture",
-                "directory": str(self.directory),
-                "summary": self.summary,
-            },
-        )
-
-    def __repr__(self) -> str:
-        s = self.summary
-        return (
-            f"Capture({self.directory}: {s['model']}{' + ' + s['name'] if s.get('name') else ''}, "
-            f"layers {s['layers']}, {s['n_rows']} rows x {s['d_model']} ({s['position']}))"
-        )
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
-        return mimebundle(self, "capture")
 
 
 def read_shard(path: Path, d_model: int) -> dict[str, torch.Tensor]:
@@ -191,7 +120,7 @@ def shipped_probe_sample(count: int, seed: int = 0) -> list[str]:
 
 
 @torch.no_grad()
-@synced("capture_activations")
+@verb("capture_activations")
 def capture_activations(
     model: str | Path,
     checkpoint: str | Path | None = None,

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ._errors import AquinError
@@ -27,34 +30,77 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def _format_summary(summary: dict[str, Any]) -> str:
-    fit = summary["fit"]
-    lines = [
-        f"[sae diff] {summary['model']} vs {summary['name']} at {summary['hook']}",
-        f"  prompts {summary['n_prompts']}, tokens {summary['n_tokens']}, "
-        f"features {summary['n_features']}",
-        f"  nChanged={summary['n_changed']} meanAbsDelta={summary['mean_abs_delta']:.6g} "
-        f"maxAbsDelta={summary['max_abs_delta']:.6g}",
-        f"  SAE fit: base EV {fit['base']['explained_variance']:.3f} L0 {fit['base']['l0']:.1f} | "
-        f"checkpoint EV {fit['checkpoint']['explained_variance']:.3f} "
-        f"L0 {fit['checkpoint']['l0']:.1f}",
-    ]
-    if fit.get("warning"):
-        lines.append(f"  warning: {fit['warning']}")
-    return "\n".join(lines)
+def _finite_float(text: str) -> float:
+    """An argparse type: a finite number (``nan`` and ``inf`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
-def _format_top(diff: Any, k: int) -> str:
-    from .diff import DISPLAY_COLUMNS
+def _count(text: str) -> int:
+    """An argparse type: a whole number of rows, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; give 0 or more")
+    return value
 
-    columns = list(DISPLAY_COLUMNS)
-    table = diff.top(k)[columns]
-    return table.to_string(index=False, float_format=lambda value: f"{value:.4g}")
+
+def _deprecated(message: str) -> None:
+    sys.stderr.write(f"aquin-nb: warning: {message} (deprecated; removed in the next release)\n")
 
 
-def _maybe_html(args: argparse.Namespace, result: Any) -> None:
-    """``--html FILE``: the result's static card as one self-contained page."""
-    if getattr(args, "html", None):
+def _split_legacy_output(
+    args: argparse.Namespace, new_flag: str, suffixes: tuple[str, ...]
+) -> None:
+    """``--output`` used to name a directory or checkpoint for some verbs; now it is the JSON.
+
+    A value that does not end in ``.json`` and matches the old meaning (no suffix
+    for a directory, ``suffixes`` for a file) keeps working for one release.
+    """
+    output = args.output
+    if output is None or output.endswith(".json"):
+        return
+    old_meaning = Path(output).suffix in suffixes if suffixes else Path(output).suffix == ""
+    if old_meaning and getattr(args, new_flag) is None:
+        _deprecated(f"--output {output} for {args.verb_name}: use --{new_flag.replace('_', '-')}")
+        setattr(args, new_flag, output)
+        args.output = None
+
+
+def _check_outputs(args: argparse.Namespace, *inputs: Any) -> None:
+    """Refuse, before any work, outputs that would lose something: a directory named as
+    the result JSON, or an output that is one of the inputs."""
+    sources = [Path(str(p)).expanduser() for p in inputs if isinstance(p, (str, Path))]
+    for flag in ("output", "html", "checkpoint_out"):
+        value = getattr(args, flag, None)
+        if not value:
+            continue
+        target = Path(value).expanduser()
+        name = "--" + flag.replace("_", "-")
+        if target.is_dir():
+            raise AquinError(f"{name} {value} is a directory; give a file path")
+        for source in sources:
+            if source.exists() and target.exists() and os.path.samefile(source, target):
+                raise AquinError(f"{name} {value} is the input {source}; refusing to overwrite it")
+            if target.resolve() == source.resolve():
+                raise AquinError(f"{name} {value} is the input {source}; refusing to overwrite it")
+
+
+def _show(args: argparse.Namespace, result: Any) -> None:
+    """Print the result's card as text, then write ``--output`` (JSON) and ``--html``."""
+    from .cards import card_spec, render_text
+
+    say(render_text(card_spec(result, rows=args.top)))
+    if args.output:
+        say(f"wrote {result.to_json(args.output)}")
+    if args.html:
         from .cards import write_report
 
         say(f"wrote {write_report(args.html, [result])}")
@@ -84,6 +130,7 @@ def _cmd_pull_sae(args: argparse.Namespace) -> None:
 
 
 def _cmd_sae_diff(args: argparse.Namespace) -> None:
+    _check_outputs(args, args.checkpoint, args.prompts, args.sae)
     _quiet_library_loaders()
     from .diff import sae_diff
 
@@ -100,34 +147,11 @@ def _cmd_sae_diff(args: argparse.Namespace) -> None:
         device=args.device,
         progress=not args.quiet,
     )
-    say(_format_summary(diff.summary))
-    say()
-    say(_format_top(diff, args.top))
-    if args.output:
-        say(f"\nwrote {diff.to_json(args.output)}")
-    _maybe_html(args, diff)
-
-
-def _format_align(align: Any, k: int) -> str:
-    s = align.summary
-    proof = "optimal (proven)" if s["optimal"] else f"not proven optimal, gap <= {s['gap']:.4g}"
-    lines = [
-        f"[sae align] {s['sae_a']} ({s['n_a']} features) vs {s['sae_b']} ({s['n_b']} features)",
-        f"  matched {s['n_matched']}, mean cosine {s['mean_cosine']:.4f}, median "
-        f"{s['median_cosine']:.4f}, unrelated baseline {s['baseline_mean_cosine']:.4f}",
-        f"  above 0.5/0.7/0.9: {s['frac_above_0.5']:.1%} / {s['frac_above_0.7']:.1%} / "
-        f"{s['frac_above_0.9']:.1%}; method {s['method']}, {proof}",
-        "",
-        "strongest pairs:",
-        align.strongest(k).to_string(index=False, float_format=lambda v: f"{v:.4f}"),
-        "",
-        "weakest pairs:",
-        align.weakest(k).to_string(index=False, float_format=lambda v: f"{v:.4f}"),
-    ]
-    return "\n".join(lines)
+    _show(args, diff)
 
 
 def _cmd_sae_align(args: argparse.Namespace) -> None:
+    _check_outputs(args, args.sae_a, args.sae_b)
     from .align import sae_align
 
     align = sae_align(
@@ -138,13 +162,14 @@ def _cmd_sae_align(args: argparse.Namespace) -> None:
         force=args.force,
         progress=not args.quiet,
     )
-    say(_format_align(align, args.top))
-    if args.output:
-        say(f"\nwrote {align.to_json(args.output)}")
-    _maybe_html(args, align)
+    _show(args, align)
 
 
 def _cmd_capture(args: argparse.Namespace) -> None:
+    _split_legacy_output(args, "out_dir", ())
+    if args.out_dir is None:
+        raise AquinError("capture needs --out-dir DIR, the directory the shards go to")
+    _check_outputs(args, args.checkpoint, args.prompts)
     _quiet_library_loaders()
     from .capture import capture_activations
 
@@ -152,7 +177,7 @@ def _cmd_capture(args: argparse.Namespace) -> None:
         args.model,
         args.checkpoint,
         args.prompts,
-        output=args.output,
+        output=args.out_dir,
         layers=args.layers,
         position=args.position,
         count=args.count,
@@ -167,39 +192,16 @@ def _cmd_capture(args: argparse.Namespace) -> None:
         import json
 
         say(json.dumps({"directory": str(capture.directory), **capture.summary}, indent=2))
-    else:
-        say(f"[capture] {capture!r}")
-        say(f"wrote {capture.directory / 'manifest.json'}")
-    _maybe_html(args, capture)
-
-
-def _format_trained(trained: Any, k: int) -> str:
-    s = trained.summary
-    rows = [("trained", s["metrics"]["trained"])]
-    if s["metrics"]["public"] is not None:
-        rows.append(("public", s["metrics"]["public"]))
-    lines = [
-        f"[sae train] {s['model']} layer {s['layer']} ({s['hook']}), {s['architecture']} "
-        f"d_sae {s['d_sae']}, init {s['init_from']}, {s['steps']} steps / {s['tokens']} tokens"
-        + (" (interrupted)" if s["interrupted"] else ""),
-        f"  held-out activations: {s['metrics']['n_held_out']}",
-    ]
-    for label, metrics in rows:
-        lines.append(
-            f"  {label:<8} EV {metrics['explained_variance']:.4f}  L0 {metrics['l0']:.1f}  "
-            f"dead {metrics['dead_fraction']:.1%}"
-        )
-    if len(trained.features):
-        lines += [
-            "",
-            "most rotated features (decoder cosine to the public SAE):",
-            trained.rotated(k).to_string(index=False, float_format=lambda v: f"{v:.4f}"),
-        ]
-    lines += ["", f"wrote {s['path']}", f"wrote {s['saelens_dir']}"]
-    return "\n".join(lines)
+        args.top = 0
+    _show(args, capture)
 
 
 def _cmd_sae_train(args: argparse.Namespace) -> None:
+    if args.json:
+        _deprecated("--json FILE: use --output FILE")
+        args.output = args.output or args.json
+    _split_legacy_output(args, "out_dir", ())
+    _check_outputs(args, args.checkpoint, args.activations, args.prompts)
     _quiet_library_loaders()
     from .train import sae_train
 
@@ -216,22 +218,19 @@ def _cmd_sae_train(args: argparse.Namespace) -> None:
         tokens=args.tokens,
         quick=args.quick,
         name=args.name,
-        output=args.output,
+        output=args.out_dir,
         progress=not args.quiet,
     )
-    say(_format_trained(trained, args.top))
-    if args.json:
-        say(f"wrote {trained.to_json(args.json)}")
-    _maybe_html(args, trained)
+    _show(args, trained)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> None:
+    _split_legacy_output(args, "checkpoint_out", (".pt", ".pth", ".bin", ".safetensors"))
+    _check_outputs(args, args.data, args.model)
     _quiet_library_loaders()
     from .simulate import simulate
 
-    method = "linearised training" if args.exact_linear else "NTK-diagonal closed form"
-    say(f"[simulate] {args.model} on {args.data}: {method}, lr {args.lr}, {args.steps} steps")
-    sim = simulate(
+    simulation = simulate(
         args.model,
         args.data,
         lr=args.lr,
@@ -240,39 +239,25 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         layer=args.layer,
         sae=args.sae,
         name=args.name,
-        output=args.output,
+        output=args.checkpoint_out,
         params=args.params,
         exact_linear=args.exact_linear,
         curvature=args.curvature,
         progress=not args.quiet,
     )
-    s = sim.summary
-    say(
-        f"[simulate] {s['n_examples']} examples, {s['n_params']} tensors moved ({s['params']}), "
-        f"|Δθ| {s['delta_norm']:.4g}, {s['seconds']:.1f}s"
-    )
-    say(f"[simulate] synthetic checkpoint {s['checkpoint']}")
-    say(_format_top(sim.diff, args.top))
-    _maybe_html(args, sim.diff)
-    say(
-        f"[simulate] SAE diff: nChanged={sim.diff.summary['n_changed']} "
-        f"meanAbsDelta={sim.diff.summary['mean_abs_delta']:.6g}"
-    )
+    _show(args, simulation)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     _quiet_library_loaders()
+    from .cards import card_spec, render_text
     from .demo.run import run_demo
 
     result = run_demo(args.out, steps=args.steps, progress=not args.quiet)
     say(f"[demo] LoRA fine-tune of tiny-gpt2 on the cooking set: {result.checkpoint}")
-    say(_format_summary(result.diff.summary))
-    say()
-    say(_format_top(result.diff, args.top))
-    say()
-    say(_format_trained(result.trained, 5))
-    say()
-    say(_format_align(result.align, 5))
+    for shown in (result.diff, result.trained, result.align):
+        say()
+        say(render_text(card_spec(shown, rows=args.top)))
     say()
     for path in result.written:
         say(f"wrote {path}")
@@ -300,13 +285,28 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     run(app, sock)
 
 
-def _add_sync(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def _verb_parser(
+    verbs: Any, name: str, help: str, run: Callable[[argparse.Namespace], None], *, top: int
+) -> argparse.ArgumentParser:
+    """A verb's subcommand with the flags every verb shares, declared once."""
+    parser: argparse.ArgumentParser = verbs.add_parser(name, help=help)
+    parser.set_defaults(run=run, verb_name=name)
+    shared = parser.add_argument_group("output")
+    shared.add_argument("--output", metavar="JSON", help="write the result JSON here")
+    shared.add_argument(
+        "--html", metavar="FILE", help="write the result's card as a self-contained HTML page"
+    )
+    shared.add_argument(
+        "--top", type=_count, default=top, help=f"rows in each printed table (default {top})"
+    )
+    shared.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    shared.add_argument(
         "--sync",
         action="store_true",
         help="mirror this run to the session $AQUIN_NB_SESSION on $AQUIN_NB_URL "
         "(on by default when AQUIN_NB_URL is set)",
     )
+    return parser
 
 
 def _connect_mirror(args: argparse.Namespace) -> Any:
@@ -320,8 +320,21 @@ def _connect_mirror(args: argparse.Namespace) -> Any:
     return mirror.connect(os.environ.get(mirror.ENV_SESSION) or "cli")
 
 
-def _one_line_warning(message: Any, category: Any, *_: Any, **__: Any) -> None:
-    sys.stderr.write(f"aquin-nb: warning: {message}\n")
+def _one_line_warning(
+    message: Any, category: type[Warning], filename: str, *_: Any, **__: Any
+) -> None:
+    """The project's own warnings as one stderr line each; other libraries' go to the log.
+
+    A third-party deprecation notice (transformers, PEFT, SAELens) is not the
+    user's business at the command line, so it is logged at DEBUG (``-v`` shows it).
+    """
+    own = category.__module__.startswith("aquin_nb") or Path(filename).resolve().is_relative_to(
+        Path(__file__).resolve().parent
+    )
+    if own:
+        sys.stderr.write(f"aquin-nb: warning: {message}\n")
+    else:
+        logging.getLogger("aquin_nb.cli").debug("%s: %s", category.__name__, message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,8 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sae = commands.add_parser("sae", help="SAE verbs: diff, train, align")
     sae_verbs = sae.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    diff = sae_verbs.add_parser(
-        "diff", help="per-feature activation deltas between a base model and a checkpoint"
+    diff = _verb_parser(
+        sae_verbs,
+        "diff",
+        "per-feature activation deltas between a base model and a checkpoint",
+        _cmd_sae_diff,
+        top=20,
     )
     diff.add_argument("--model", required=True, help="catalog slug or local model directory")
     diff.add_argument(
@@ -366,23 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--sae", help="custom SAE: SAELens directory, .pt {cfg, state_dict}, RELEASE:SAE_ID or slug"
     )
     diff.add_argument("--name", help="label for the checkpoint (default: its file stem)")
-    diff.add_argument("--output", help="write the full JSON payload here")
-    diff.add_argument("--top", type=int, default=20, help="rows in the printed table")
     diff.add_argument("--batch-size", type=int, default=16)
-    diff.add_argument("--fdr", type=float, default=0.05, help="false-discovery rate for 'changed'")
+    diff.add_argument(
+        "--fdr", type=_finite_float, default=0.05, help="false-discovery rate for 'changed'"
+    )
     diff.add_argument(
         "--min-rel-delta",
-        type=float,
+        type=_finite_float,
         default=0.1,
         help="minimum |Δ| relative to max(base, checkpoint) for 'changed'",
     )
     diff.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    diff.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    diff.add_argument("--html", help="also write the result's card as a self-contained HTML page")
-    _add_sync(diff)
-    diff.set_defaults(run=_cmd_sae_diff)
 
-    train = sae_verbs.add_parser("train", help="train a temporary SAE on a checkpoint")
+    train = _verb_parser(
+        sae_verbs, "train", "train a temporary SAE on a checkpoint", _cmd_sae_train, top=10
+    )
     train.add_argument("--model", required=True, help="catalog slug or local model directory")
     train.add_argument("--layer", type=int, required=True)
     train.add_argument("--checkpoint", help="train on this checkpoint's activations")
@@ -397,15 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--tokens", type=int)
     train.add_argument("--quick", action="store_true", help="a smoke run on 120k tokens")
     train.add_argument("--name", help="run name (default: the checkpoint's stem)")
-    train.add_argument("--output", help="output directory (default ~/.aquin_nb/sae/user/...)")
-    train.add_argument("--json", help="also write the TrainedSae result JSON here")
-    train.add_argument("--top", type=int, default=10, help="rotated features shown")
-    train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    train.add_argument("--html", help="also write the result's card as a self-contained HTML page")
-    _add_sync(train)
-    train.set_defaults(run=_cmd_sae_train)
+    train.add_argument(
+        "--out-dir", help="where the trained SAE goes (default ~/.aquin_nb/sae/user/...)"
+    )
+    train.add_argument("--json", help=argparse.SUPPRESS)  # deprecated spelling of --output
 
-    align = sae_verbs.add_parser("align", help="Hungarian matching of two SAEs' decoder directions")
+    align = _verb_parser(
+        sae_verbs,
+        "align",
+        "Hungarian matching of two SAEs' decoder directions",
+        _cmd_sae_align,
+        top=10,
+    )
     align.add_argument("--sae-a", required=True, help="SAE A: directory, .pt, RELEASE:ID or slug")
     align.add_argument("--sae-b", required=True, help="SAE B: directory, .pt, RELEASE:ID or slug")
     align.add_argument(
@@ -413,15 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     align.add_argument("--method", choices=["auto", "dense", "sparse"], default="auto")
     align.add_argument("--force", action="store_true", help="align SAEs of different hooks")
-    align.add_argument("--output", help="write the full pair map as JSON here")
-    align.add_argument("--top", type=int, default=10, help="pairs shown at each end")
-    align.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    align.add_argument("--html", help="also write the result's card as a self-contained HTML page")
-    _add_sync(align)
-    align.set_defaults(run=_cmd_sae_align)
 
-    capture = commands.add_parser("capture", help="write residual activations to disk")
-    capture.add_argument("--output", required=True, help="output directory")
+    capture = _verb_parser(
+        commands, "capture", "write residual activations to disk", _cmd_capture, top=25
+    )
+    capture.add_argument("--out-dir", help="the directory the activation shards go to")
     capture.add_argument("--model", default="tiny-gpt2", help="catalog slug or model directory")
     capture.add_argument("--checkpoint", help="capture the checkpoint (default: the base model)")
     capture.add_argument("--prompts", help="JSON or JSONL prompts file")
@@ -438,16 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--sae-layer", type=int, help="layer for --encode-sae")
     capture.add_argument("--sae", help="SAE for --encode-sae (default: the public one)")
     capture.add_argument("--name", help="label for the checkpoint")
-    capture.add_argument("--output-json", action="store_true", help="print the result as JSON")
+    capture.add_argument("--output-json", action="store_true", help="print the manifest as JSON")
     capture.add_argument("--overwrite", action="store_true", help="write into a non-empty dir")
-    capture.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    capture.add_argument(
-        "--html", help="also write the result's card as a self-contained HTML page"
-    )
-    _add_sync(capture)
-    capture.set_defaults(run=_cmd_capture)
 
-    sim = commands.add_parser("simulate", help="forecast a fine-tune (NTK-linearised) and diff it")
+    sim = _verb_parser(
+        commands,
+        "simulate",
+        "forecast a fine-tune (NTK-linearised) and diff it",
+        _cmd_simulate,
+        top=10,
+    )
     sim.add_argument("--model", required=True, help="catalog slug or local model directory")
     sim.add_argument(
         "--data", required=True, help="JSONL of {instruction, response}, {text} or strings"
@@ -458,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--layer", type=int, help="SAE layer (default: the catalog's)")
     sim.add_argument("--sae", help="custom SAE instead of the public one")
     sim.add_argument("--name", help="label for the synthetic checkpoint")
-    sim.add_argument("--output", help="synthetic checkpoint path (default simulations/<name>.pt)")
+    sim.add_argument(
+        "--checkpoint-out", help="synthetic checkpoint path (default simulations/<name>.pt)"
+    )
     sim.add_argument(
         "--params",
         help="regex of parameter names to move (default: attention "
@@ -470,11 +486,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="T steps of GD on the linearised model (jvp/vjp) instead",
     )
     sim.add_argument("--curvature", choices=["fisher", "hutchinson"], default="fisher")
-    sim.add_argument("--top", type=int, default=10, help="rows in the printed table")
-    sim.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sim.add_argument("--html", help="also write the result's card as a self-contained HTML page")
-    _add_sync(sim)
-    sim.set_defaults(run=_cmd_simulate)
 
     serve = commands.add_parser(
         "serve", help="run the web mirror receiver (session pages, SQLite, token)"
@@ -492,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="demo_out", help="output directory")
     demo.add_argument("--steps", type=int, default=120, help="LoRA fine-tuning steps")
-    demo.add_argument("--top", type=int, default=15, help="rows in the printed table")
+    demo.add_argument("--top", type=_count, default=15, help="rows in the printed table")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_cmd_demo)
     return parser
@@ -513,7 +524,10 @@ def _quiet_library_loaders() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a bad flag (one line already written)
+        return exit_.code if isinstance(exit_.code, int) else 2
     run: Callable[[argparse.Namespace], None] | None = getattr(args, "run", None)
     if run is None:
         parser.print_help()

@@ -9,7 +9,6 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +26,12 @@ from ._activations import (
     tokenize_prompts,
 )
 from ._errors import AquinError
-from ._results import mimebundle, read_result, write_result
 from ._stats import FitStats, PairedFeatureStats
-from ._tokenview import LiveDiff, compute_token_views
+from ._tokenview import LiveDiff
+from ._verbs import verb
 from .catalog import find_entry
-from .mirror import synced
 from .probes import load_prompts
+from .results import DISPLAY_COLUMNS, FEATURE_COLUMNS, SaeDiff
 from .saes import check_sae_fits, load_sae, sae_numerics
 
 if TYPE_CHECKING:
@@ -40,108 +39,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FEATURE_COLUMNS = (
-    "feature",
-    "base",
-    "checkpoint",
-    "delta",
-    "abs_delta",
-    "base_freq",
-    "checkpoint_freq",
-    "p_value",
-    "q_value",
-    "changed",
-)
-# The columns a reader sees first, in the CLI table and on the card.
-DISPLAY_COLUMNS = (
-    "feature",
-    "base",
-    "checkpoint",
-    "delta",
-    "base_freq",
-    "checkpoint_freq",
-    "p_value",
-    "q_value",
-    "changed",
-)
+__all__ = ["DISPLAY_COLUMNS", "FEATURE_COLUMNS", "SaeDiff", "sae_diff"]
+
 FIT_DROP_WARNING = 0.1
-
-
-@dataclass(frozen=True, eq=False)
-class SaeDiff:
-    """Per-feature activation deltas between a base model and a checkpoint.
-
-    ``summary`` (plain JSON types): ``n_features``, ``n_changed``, ``mean_abs_delta``,
-    ``max_abs_delta``, ``n_prompts``, ``n_tokens``, ``layer``, ``hook``, ``model``,
-    ``checkpoint``, ``name``, ``fit`` (``{"base": {explained_variance, l0},
-    "checkpoint": {...}, "warning": str | None}``), ``criteria`` and ``tool_version``.
-
-    ``features`` has one row per feature, sorted by ``abs_delta`` descending:
-
-    ========================  ===========================================================
-    ``feature``               feature index in the SAE
-    ``base``, ``checkpoint``  mean activation per token over all probe tokens (no BOS/pad)
-    ``delta``, ``abs_delta``  ``checkpoint - base`` and its absolute value
-    ``base_freq``,            fraction of probe tokens on which the feature fires (> 0)
-    ``checkpoint_freq``
-    ``p_value``               two-sided paired t-test across prompts on per-prompt means
-    ``q_value``               Benjamini-Hochberg adjusted p-value over all features
-    ``changed``               ``q_value <= fdr`` and the effect-size floor (see `sae_diff`)
-    ========================  ===========================================================
-    """
-
-    summary: dict[str, Any]
-    features: pd.DataFrame
-    live: LiveDiff | None = field(default=None, repr=False)
-
-    def token_views(self, features: list[int] | None = None, k: int = 4) -> dict[int, Any]:
-        """Where each feature fires most: ``k`` prompts, token by token, base and checkpoint.
-
-        Computed on demand in one pass over the probes (at most 32 features at a
-        time, the top 10 by default) and cached; needs the models, so a SaeDiff
-        read back from JSON has none.
-        """
-        if self.live is None:
-            raise AquinError(
-                "token views need the models; this SaeDiff was read from JSON, run sae_diff again"
-            )
-        chosen = features if features is not None else self.top(10)["feature"].tolist()
-        return compute_token_views(self.live, chosen, k)
-
-    def widget(self) -> Any:
-        """A live, sortable card with feature drill-down (anywidget)."""
-        from .cards.widget import CardWidget
-
-        return CardWidget.for_result(self, "sae_diff")
-
-    def top(self, k: int = 20) -> pd.DataFrame:
-        """The ``k`` features with the largest ``|delta|``."""
-        return self.features.head(k).reset_index(drop=True)
-
-    def changed(self) -> pd.DataFrame:
-        """Only the features that count as changed."""
-        return self.features[self.features["changed"]].reset_index(drop=True)
-
-    def to_json(self, path: str | Path) -> Path:
-        """Write the full result (``schema_version: 1``) atomically."""
-        return write_result(path, "sae_diff", self.summary, features=self.features)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> SaeDiff:
-        payload = read_result(path, "sae_diff")
-        frame = pd.DataFrame(payload["features"], columns=list(FEATURE_COLUMNS))
-        return cls(summary=payload["summary"], features=frame)
-
-    def __repr__(self) -> str:
-        s = self.summary
-        return (
-            f"SaeDiff({s['model']} vs {s['name']} @ {s['hook']}: {s['n_changed']}/"
-            f"{s['n_features']} features changed, mean |Δ| {s['mean_abs_delta']:.4g}, "
-            f"max |Δ| {s['max_abs_delta']:.4g}, {s['n_prompts']} prompts / {s['n_tokens']} tokens)"
-        )
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
-        return mimebundle(self, "sae_diff")
 
 
 def _bridge_label(bridge: Any) -> str:
@@ -182,7 +82,7 @@ def _load_checkpoint(
     )
 
 
-@synced("sae_diff")
+@verb("sae_diff")
 def sae_diff(
     model: Any,
     checkpoint: Any,

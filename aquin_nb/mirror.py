@@ -1,7 +1,8 @@
 """Mirror every verb's card to a web session page (DESIGN.md decision 9).
 
-After `connect`, each verb (`sae_diff`, `capture_activations`, `sae_train`,
-`sae_align`, `simulate`) pushes a ``tool.start`` and a ``tool.result`` event to
+After `connect`, the session listens on the verb seam (`aquin_nb._verbs`), so
+each verb (`sae_diff`, `capture_activations`, `sae_train`, `sae_align`,
+`simulate`) pushes a ``tool.start`` and a ``tool.result`` event to
 the session on an ``aquin-nb serve`` receiver. The verb itself never waits on
 the network: it hands the event to a bounded in-memory queue and a background
 thread delivers it, with retries. If the server is down the verb still returns
@@ -21,8 +22,6 @@ Example:
 from __future__ import annotations
 
 import atexit
-import contextvars
-import functools
 import hashlib
 import json
 import logging
@@ -34,9 +33,9 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from . import _events
+from . import _events, _verbs
 from ._errors import AquinError
 
 log = logging.getLogger(__name__)
@@ -48,11 +47,7 @@ ENV_SPOOL = "AQUIN_NB_SPOOL"
 DEFAULT_URL = "http://127.0.0.1:8765"
 BATCH_EVENTS = 64
 
-F = TypeVar("F", bound=Callable[..., Any])
 _active: Session | None = None
-_inside_verb: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "aquin_inside_verb", default=False
-)
 
 
 class SyncWarning(UserWarning):
@@ -126,6 +121,7 @@ class Session:
         self._hurry = False
         self._reachable = False
         self._first_pending_at = time.monotonic()
+        self.listener = _VerbListener(self)
         self._pending.extend(self._read_spool())
         self._thread = threading.Thread(
             target=self._deliver_loop, name=f"aquin-nb-mirror-{name}", daemon=True
@@ -220,6 +216,7 @@ class Session:
         if leftover:
             self.warn_if_failing(spooled=len(leftover))
         self._client.close()
+        _verbs.remove_listener(self.listener)
         atexit.unregister(self.close)
         if _active is self:
             _active = None
@@ -390,6 +387,7 @@ def connect(
         )
     disconnect()
     _active = Session(name, url, token, **options)
+    _verbs.add_listener(_active.listener)
     return _active
 
 
@@ -403,85 +401,64 @@ def active_session() -> Session | None:
     return _active
 
 
-def _card(tool: str, result: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _card(result: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The result's summary and card spec (built on the delivery thread)."""
     from .cards import card_spec
 
-    kinds = {
-        "sae_diff": "sae_diff",
-        "capture_activations": "capture",
-        "sae_train": "sae_train",
-        "sae_align": "sae_align",
-    }
     summary = getattr(result, "summary", None)
     summary = dict(summary) if isinstance(summary, dict) else {}
     try:
-        if tool == "simulate":
-            card = card_spec(result.diff, "sae_diff", token_views=False)
-        else:
-            card = card_spec(result, kinds[tool], token_views=False)
+        card = card_spec(result)
     except Exception as error:  # the event still goes, without its card
-        log.warning("mirror: no card for %s: %s", tool, error)
+        log.warning("mirror: no card for %s: %s", type(result).__name__, error)
         card = None
     return summary, card
 
 
-def synced(tool: str) -> Callable[[F], F]:
-    """Make a verb report ``tool.start`` / ``tool.result`` to the active session.
+class _VerbListener:
+    """Turns the verb seam's events into mirror events for one session."""
 
-    With no session this costs one global read. Verbs called by another verb
-    (simulate runs sae_diff) are reported only as the outer verb.
-    """
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.labels: dict[str, str] = {}
 
-    def decorate(function: F) -> F:
-        @functools.wraps(function)
-        def verb(*args: Any, **kwargs: Any) -> Any:
-            session = _active
-            if session is None or _inside_verb.get():
-                return function(*args, **kwargs)
-            invocation_id = uuid.uuid4().hex
-            arguments = _events.describe_arguments(function, args, kwargs)
-            label = _events.invocation_label(arguments)
-            session.emit(_events.start_event(uuid.uuid4().hex, invocation_id, tool, arguments))
-            started = time.perf_counter()
-            marker = _inside_verb.set(True)
-            try:
-                result = function(*args, **kwargs)
-            except BaseException as error:
-                session.emit(
-                    _events.result_event(
-                        uuid.uuid4().hex,
-                        invocation_id,
-                        tool,
-                        label,
-                        duration_s=time.perf_counter() - started,
-                        error=error,
-                    )
+    def __call__(self, event: _verbs.VerbEvent) -> None:
+        session = self.session
+        if event.phase == "start":
+            arguments = _events.describe_arguments(event.function, event.args, event.kwargs)
+            self.labels[event.invocation_id] = _events.invocation_label(arguments)
+            session.emit(
+                _events.start_event(uuid.uuid4().hex, event.invocation_id, event.tool, arguments)
+            )
+            return
+        label = self.labels.pop(event.invocation_id, "")
+        if event.error is not None:
+            session.emit(
+                _events.result_event(
+                    uuid.uuid4().hex,
+                    event.invocation_id,
+                    event.tool,
+                    label,
+                    duration_s=event.duration_s,
+                    error=event.error,
                 )
-                session.warn_if_failing()
-                raise
-            finally:
-                _inside_verb.reset(marker)
-            duration_s = time.perf_counter() - started
-            result_id = uuid.uuid4().hex
-
-            def build() -> dict[str, Any]:
-                summary, card = _card(tool, result)
-                name = summary.get("name") if isinstance(summary.get("name"), str) else label
-                return _events.result_event(
-                    result_id,
-                    invocation_id,
-                    tool,
-                    name or label,
-                    duration_s=duration_s,
-                    summary=summary,
-                    card=card,
-                )
-
-            session.emit(build)
+            )
             session.warn_if_failing()
-            return result
+            return
+        result_id = uuid.uuid4().hex
 
-        return verb  # type: ignore[return-value]
+        def build() -> dict[str, Any]:
+            summary, card = _card(event.result)
+            name = summary.get("name") if isinstance(summary.get("name"), str) else label
+            return _events.result_event(
+                result_id,
+                event.invocation_id,
+                event.tool,
+                name or label,
+                duration_s=event.duration_s,
+                summary=summary,
+                card=card,
+            )
 
-    return decorate
+        session.emit(build)
+        session.warn_if_failing()

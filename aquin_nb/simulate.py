@@ -28,7 +28,6 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,39 +36,16 @@ from tqdm.auto import tqdm
 
 from ._errors import AquinError
 from ._rows import batches_of, encode_rows, read_training_rows
-from .diff import SaeDiff
-from .mirror import synced
+from ._verbs import verb
+from .results import Simulation
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["Simulation", "simulate"]
 
 # Rows used for the curvature estimate: it only sets where the closed form
 # saturates, and a few dozen rows estimate it well enough.
 CURVATURE_ROWS = 64
-
-
-@dataclass(frozen=True, eq=False)
-class Simulation:
-    """A forecast fine-tune: the synthetic checkpoint and its ``SaeDiff`` against the base.
-
-    ``summary``: ``checkpoint`` (path), ``method`` (``ntk-diagonal`` or
-    ``exact-linear``), ``lr``, ``steps``, ``batch_size``, ``n_examples``,
-    ``params`` (the filter) and ``n_params`` (tensors moved), ``delta_norm``,
-    ``seconds``.
-    """
-
-    summary: dict[str, Any]
-    diff: SaeDiff
-
-    def __repr__(self) -> str:
-        s = self.summary
-        return (
-            f"Simulation({s['method']}, lr {s['lr']}, {s['steps']} steps, {s['n_params']} tensors: "
-            f"nChanged={self.diff.summary['n_changed']} "
-            f"meanAbsDelta={self.diff.summary['mean_abs_delta']:.6g})"
-        )
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
-        return self.diff._repr_mimebundle_(include, exclude)
 
 
 # --------------------------------------------------------------------------- data
@@ -178,7 +154,7 @@ def gradient_and_curvature(
 # --------------------------------------------------------------------------- the verb
 
 
-@synced("simulate")
+@verb("simulate")
 def simulate(
     model: str | Path,
     data: Any,

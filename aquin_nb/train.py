@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,83 +24,19 @@ import torch
 from . import __version__
 from ._errors import AquinError
 from ._io import atomic_torch_save
-from ._results import mimebundle, read_result, write_result
 from ._train_data import Batches, collect_from_capture, collect_from_model
+from ._verbs import verb
 from .capture import default_numerics
 from .catalog import find_entry
-from .mirror import synced
+from .results import LOSS_COLUMNS, ROTATION_COLUMNS, TrainedSae
 from .saes import load_sae
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["LOSS_COLUMNS", "TrainedSae", "sae_train"]
+
 ARCHITECTURES = ("standard", "topk")
-LOSS_COLUMNS = ("step", "loss", "mse_loss")
-FEATURE_COLUMNS = ("feature", "decoder_cosine", "rotation")
 QUICK_TOKENS = 120_000
-
-
-@dataclass(frozen=True, eq=False)
-class TrainedSae:
-    """A temporary SAE and how it compares with the public one.
-
-    ``summary``: ``path`` (the ``{cfg, state_dict}`` .pt), ``saelens_dir``,
-    ``model``, ``checkpoint``, ``layer``, ``hook``, ``init_from``,
-    ``architecture``, ``d_sae``, ``steps``, ``tokens``, ``interrupted``,
-    ``metrics`` (``trained`` and ``public``, each with ``explained_variance``,
-    ``l0`` and ``dead_fraction`` on the same held-out activations) and
-    ``tool_version``.
-
-    ``loss_curve``: ``step``, ``loss``, ``mse_loss``. ``features`` (warm start
-    only): ``feature``, ``decoder_cosine`` (to its public self) and
-    ``rotation`` (``1 - decoder_cosine``), most rotated first.
-    """
-
-    summary: dict[str, Any]
-    loss_curve: pd.DataFrame
-    features: pd.DataFrame
-
-    def widget(self) -> Any:
-        """A live, sortable card (anywidget)."""
-        from .cards.widget import CardWidget
-
-        return CardWidget.for_result(self, "sae_train")
-
-    def rotated(self, k: int = 20) -> pd.DataFrame:
-        """The ``k`` features whose decoder direction moved most from the public SAE."""
-        return self.features.head(k).reset_index(drop=True)
-
-    def load(self) -> Any:
-        """The trained SAE as an SAELens object."""
-        return load_sae(self.summary["path"])
-
-    def to_json(self, path: str | Path) -> Path:
-        return write_result(
-            path, "sae_train", self.summary, loss_curve=self.loss_curve, features=self.features
-        )
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> TrainedSae:
-        payload = read_result(path, "sae_train")
-        return cls(
-            summary=payload["summary"],
-            loss_curve=pd.DataFrame(payload["loss_curve"], columns=list(LOSS_COLUMNS)),
-            features=pd.DataFrame(payload["features"], columns=list(FEATURE_COLUMNS)),
-        )
-
-    def __repr__(self) -> str:
-        s = self.summary
-        trained, public = s["metrics"]["trained"], s["metrics"]["public"]
-        public_text = (
-            f", public EV {public['explained_variance']:.3f}" if public is not None else ""
-        )
-        return (
-            f"TrainedSae({s['model']} layer {s['layer']}, {s['architecture']} d_sae {s['d_sae']}, "
-            f"{s['steps']} steps: EV {trained['explained_variance']:.3f}{public_text}"
-            f"{', interrupted' if s['interrupted'] else ''})"
-        )
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
-        return mimebundle(self, "sae_train")
 
 
 def default_output_dir(model: str, name: str) -> Path:
@@ -172,7 +107,7 @@ def _metrics(sae: Any, activations: torch.Tensor) -> dict[str, float]:
     }
 
 
-@synced("sae_train")
+@verb("sae_train")
 def sae_train(
     model: str | Path,
     layer: int,
@@ -338,7 +273,7 @@ def sae_train(
     path, saelens_dir = _save(trained, out_dir, layer)
     inference = load_sae(saelens_dir)
 
-    features = pd.DataFrame(columns=list(FEATURE_COLUMNS))
+    features = pd.DataFrame(columns=list(ROTATION_COLUMNS))
     if init_from == "public" and public is not None:
         cosine = (
             torch.nn.functional.cosine_similarity(

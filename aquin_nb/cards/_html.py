@@ -47,6 +47,11 @@ def _chips(spec: dict[str, Any]) -> str:
     return f'<div class="aquin-chips">{"".join(parts)}</div>'
 
 
+def _headline(spec: dict[str, Any]) -> str:
+    lines = "".join(f"<div>{_escape(line)}</div>" for line in spec.get("headline", []))
+    return f'<div class="aquin-headline">{lines}</div>' if lines else ""
+
+
 def _token_view_html(view: dict[str, Any]) -> str:
     """Each prompt twice (base, checkpoint), tokens shaded by the feature's activation."""
     peak = (
@@ -238,6 +243,7 @@ def render_spec_html(spec: dict[str, Any]) -> str:
         f"<style>{_css()}</style>",
         f'<div class="aquin-card" data-kind="{_escape(spec["kind"])}">',
         f'<h3><span class="aquin-kind">{_escape(kind)}</span>{_escape(spec["title"])}</h3>',
+        _headline(spec),
         _chips(spec),
     ]
     if spec.get("warning"):
@@ -264,6 +270,11 @@ def render_spec_html(spec: dict[str, Any]) -> str:
             for feature, view in views.items()
         )
         parts.append(f'<div class="aquin-section">{panels}</div>')
+    elif "token_views" in spec:
+        parts.append(
+            '<div class="aquin-note">No token views in this card: '
+            "<code>diff.with_token_views()</code> adds them for the top features.</div>"
+        )
     parts.append("</div>")
     return "".join(parts)
 

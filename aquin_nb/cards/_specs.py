@@ -1,15 +1,23 @@
-"""Card specs: what a card shows, as plain JSON types, shared by every renderer."""
+"""Card specs: what a card shows, as plain JSON types, shared by every renderer.
+
+One builder per result kind, registered in `SPECS` by the kind the result class
+declares (`aquin_nb.results.RESULT_TYPES`). A builder only reads the result's
+data: it never runs a model. A spec holds ``kind``, ``tag`` (the CLI's
+``[tag]``), ``title``, ``headline`` (one-line statements of what the result
+says, the first thing every renderer shows), ``chips``, ``warning`` and
+``sections`` (``bars``, ``table``, ``histogram``, ``heatmap``, ``line``); a diff
+adds the ``token_views`` it carries.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from ..diff import DISPLAY_COLUMNS
+from ..results import DISPLAY_COLUMNS
 
 TABLE_ROWS = 25
 BAR_FEATURES = 10
-TOKEN_VIEW_ROWS = 10
 
 
 def _records(frame: Any, columns: list[str]) -> list[dict[str, Any]]:
@@ -24,7 +32,19 @@ def _records(frame: Any, columns: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def sae_diff_spec(diff: Any, token_views: bool = True) -> dict[str, Any]:
+def _card(kind: str, title: str, headline: list[str], chips: list[dict[str, Any]], **rest: Any):
+    return {
+        "kind": kind,
+        "tag": kind.replace("_", " "),
+        "title": title,
+        "headline": headline,
+        "chips": chips,
+        "warning": None,
+        **rest,
+    }
+
+
+def sae_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
     s = diff.summary
     fit = s["fit"]
     chips = [
@@ -52,18 +72,17 @@ def sae_diff_spec(diff: Any, token_views: bool = True) -> dict[str, Any]:
     rising = frame[frame["delta"] > 0].nlargest(BAR_FEATURES, "delta")
     falling = frame[frame["delta"] < 0].nsmallest(BAR_FEATURES, "delta")
     bars = _records(rising, ["feature", "delta"]) + _records(falling, ["feature", "delta"])
-    views: dict[str, Any] = {}
-    if token_views and getattr(diff, "live", None) is not None:
-        # A bounded, lazy second pass: only the features the card lists first.
-        shown = frame.head(TOKEN_VIEW_ROWS)["feature"].tolist()
-        views = {str(f): view for f, view in diff.token_views(shown).items()}
-    return {
-        "kind": "sae_diff",
-        "token_views": views,
-        "title": f"{s['model']} vs {s['name']}",
-        "chips": chips,
-        "warning": fit.get("warning"),
-        "sections": [
+    headline = [
+        f"nChanged={s['n_changed']} meanAbsDelta={s['mean_abs_delta']:.6g} "
+        f"maxAbsDelta={s['max_abs_delta']:.6g}"
+    ]
+    spec = _card(
+        "sae_diff",
+        f"{s['model']} vs {s['name']}",
+        headline,
+        chips,
+        token_views={str(feature): view for feature, view in diff.views.items()},
+        sections=[
             {
                 "type": "bars",
                 "title": "Top ±Δ features",
@@ -73,14 +92,16 @@ def sae_diff_spec(diff: Any, token_views: bool = True) -> dict[str, Any]:
                 "type": "table",
                 "title": "Features by |Δ|",
                 "columns": columns,
-                "rows": _records(frame.head(TABLE_ROWS), columns),
+                "rows": _records(frame.head(rows), columns),
                 "select": "feature",
             },
         ],
-    }
+    )
+    spec["warning"] = fit.get("warning")
+    return spec
 
 
-def sae_align_spec(align: Any) -> dict[str, Any]:
+def sae_align_spec(align: Any, rows: int = TABLE_ROWS // 2) -> dict[str, Any]:
     s = align.summary
     proof = "optimal" if s["optimal"] else f"gap ≤ {s['gap']:.3g}"
     chips = [
@@ -88,17 +109,26 @@ def sae_align_spec(align: Any) -> dict[str, Any]:
         {"label": "mean cosine", "value": f"{s['mean_cosine']:.3f}"},
         {"label": "median", "value": f"{s['median_cosine']:.3f}"},
         {"label": "unrelated baseline", "value": f"{s['baseline_mean_cosine']:.3f}"},
-        {"label": "> 0.7", "value": f"{s['frac_above_0.7']:.1%}"},
+        {
+            "label": "> 0.5 / 0.7 / 0.9",
+            "value": f"{s['frac_above_0.5']:.1%} / "
+            f"{s['frac_above_0.7']:.1%} / {s['frac_above_0.9']:.1%}",
+        },
         {"label": "method", "value": s["method"]},
         {"label": "proof", "value": proof, "warn": not s["optimal"]},
     ]
+    headline = [
+        f"matched {s['n_matched']}, mean cosine {s['mean_cosine']:.4f}, median "
+        f"{s['median_cosine']:.4f}, unrelated baseline {s['baseline_mean_cosine']:.4f} "
+        f"({'proven optimal' if s['optimal'] else 'not proven optimal, gap ≤ ' + format(s['gap'], '.4g')})"
+    ]
     columns = ["a", "b", "cosine", "encoder_cosine", "rank"]
-    return {
-        "kind": "sae_align",
-        "title": f"{s['sae_a']} ↔ {s['sae_b']}",
-        "chips": chips,
-        "warning": None,
-        "sections": [
+    return _card(
+        "sae_align",
+        f"{s['sae_a']} ↔ {s['sae_b']}",
+        headline,
+        chips,
+        sections=[
             {
                 "type": "histogram",
                 "title": "Matched cosines",
@@ -110,19 +140,19 @@ def sae_align_spec(align: Any) -> dict[str, Any]:
                 "type": "table",
                 "title": "Strongest pairs",
                 "columns": columns,
-                "rows": _records(align.strongest(TABLE_ROWS // 2), columns),
+                "rows": _records(align.strongest(rows), columns),
             },
             {
                 "type": "table",
                 "title": "Weakest pairs",
                 "columns": columns,
-                "rows": _records(align.weakest(TABLE_ROWS // 2), columns),
+                "rows": _records(align.weakest(rows), columns),
             },
         ],
-    }
+    )
 
 
-def sae_train_spec(trained: Any) -> dict[str, Any]:
+def sae_train_spec(trained: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
     s = trained.summary
     metrics = s["metrics"]
     chips = [
@@ -136,12 +166,21 @@ def sae_train_spec(trained: Any) -> dict[str, Any]:
         {"label": "L0 trained", "value": f"{metrics['trained']['l0']:.1f}"},
         {"label": "dead", "value": f"{metrics['trained']['dead_fraction']:.1%}"},
     ]
+    headline = []
+    for label in ("trained", "public"):
+        m = metrics[label]
+        if m is not None:
+            headline.append(
+                f"{label} on {metrics.get('n_held_out', '?')} held-out activations: "
+                f"EV {m['explained_variance']:.4f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.1%}"
+            )
     if metrics["public"] is not None:
         chips.append(
             {"label": "EV public", "value": f"{metrics['public']['explained_variance']:.3f}"}
         )
     if s["interrupted"]:
         chips.append({"label": "status", "value": "interrupted", "warn": True})
+    headline.append(f"saved {s['path']} and the SAELens directory {s['saelens_dir']}")
     curve = trained.loss_curve
     step = max(1, len(curve) // 200)
     sections: list[dict[str, Any]] = [
@@ -159,20 +198,20 @@ def sae_train_spec(trained: Any) -> dict[str, Any]:
                 "type": "table",
                 "title": "Most rotated features (vs public)",
                 "columns": columns,
-                "rows": _records(trained.rotated(TABLE_ROWS), columns),
+                "rows": _records(trained.rotated(rows), columns),
                 "select": "feature",
             }
         )
-    return {
-        "kind": "sae_train",
-        "title": f"{s['model']} layer {s['layer']} · {s['name']}",
-        "chips": chips,
-        "warning": None,
-        "sections": sections,
-    }
+    return _card(
+        "sae_train",
+        f"{s['model']} layer {s['layer']} · {s['name']}",
+        headline,
+        chips,
+        sections=sections,
+    )
 
 
-def capture_spec(capture: Any) -> dict[str, Any]:
+def capture_spec(capture: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
     s = capture.summary
     chips = [
         {"label": "model", "value": s["model"]},
@@ -182,42 +221,82 @@ def capture_spec(capture: Any) -> dict[str, Any]:
         {"label": "rows", "value": s["n_rows"]},
         {"label": "d_model", "value": s["d_model"]},
     ]
-    rows = [
+    table = [
         {"layer": int(layer), "hook": s["hooks"][layer], "shape": " × ".join(map(str, shape))}
         for layer, shape in s["shapes"].items()
     ]
-    return {
-        "kind": "capture",
-        "title": str(capture.directory),
-        "chips": chips,
-        "warning": None,
-        "sections": [
+    headline = [
+        f"{s['n_rows']} rows × {s['d_model']} per layer from {s['n_prompts']} prompts, "
+        f"layers {s['layers']} ({s['position']}), in {capture.directory}"
+    ]
+    return _card(
+        "capture",
+        str(capture.directory),
+        headline,
+        chips,
+        sections=[
             {
                 "type": "table",
                 "title": "Shards",
                 "columns": ["layer", "hook", "shape"],
-                "rows": rows,
+                "rows": table[:rows],
             }
         ],
+    )
+
+
+def simulation_spec(simulation: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
+    """The forecast's diff card, headed by how the forecast was made."""
+    s = simulation.summary
+    diff = sae_diff_spec(simulation.diff, rows)
+    headline = [
+        f"{s['method']}, lr {s['lr']}, {s['steps']} steps on {s['n_examples']} examples, "
+        f"{s['n_params']} tensors moved ({s['params']}), |Δθ| {s['delta_norm']:.4g}, "
+        f"{s['seconds']:.1f}s",
+        f"synthetic checkpoint {s['checkpoint']}",
+        *(f"SAE diff: {line}" for line in diff["headline"]),
+    ]
+    chips = [
+        {"label": "method", "value": s["method"]},
+        {"label": "lr × steps", "value": f"{s['lr']} × {s['steps']}"},
+        {"label": "tensors moved", "value": s["n_params"]},
+        *diff["chips"],
+    ]
+    return {
+        **diff,
+        "kind": "simulation",
+        "tag": "simulate",
+        "title": f"forecast: {diff['title']}",
+        "headline": headline,
+        "chips": chips,
     }
 
 
-SPECS: dict[str, Callable[[Any], dict[str, Any]]] = {
+SPECS: dict[str, Callable[..., dict[str, Any]]] = {
     "sae_diff": sae_diff_spec,
     "sae_align": sae_align_spec,
     "sae_train": sae_train_spec,
     "capture": capture_spec,
+    "simulation": simulation_spec,
 }
 
 
-def card_spec(result: Any, kind: str, token_views: bool = True) -> dict[str, Any]:
-    """The JSON card spec of ``result`` (``kind`` as in its JSON, e.g. ``"sae_diff"``).
+def card_spec(result: Any, kind: str | None = None, *, rows: int | None = None) -> dict[str, Any]:
+    """The JSON card spec of ``result``; ``rows`` caps each table (default per kind).
 
-    ``token_views=False`` skips the diff card's token views (a second model pass),
-    as the web mirror does.
+    ``kind`` defaults to the result's own and, when given, must match it.
+
+    Example:
+        >>> import aquin_nb
+        >>> align = aquin_nb.sae_align("tiny-gpt2", "tiny-gpt2", max_features=32, progress=False)
+        >>> spec = card_spec(align)
+        >>> spec["kind"], spec["headline"][0][:31]
+        ('sae_align', 'matched 32, mean cosine 1.0000,')
     """
-    if kind not in SPECS:
-        raise KeyError(f"no card spec for {kind!r}; known: {sorted(SPECS)}")
-    if kind == "sae_diff":
-        return sae_diff_spec(result, token_views)
-    return SPECS[kind](result)
+    own = getattr(type(result), "kind", None)
+    if not isinstance(own, str) or own not in SPECS:
+        raise TypeError(f"no card for {type(result).__name__}: known kinds are {sorted(SPECS)}")
+    if kind is not None and kind != own:
+        raise TypeError(f"{type(result).__name__} is a {own!r} result, not {kind!r}")
+    build = SPECS[own]
+    return build(result) if rows is None else build(result, rows)

@@ -34,9 +34,8 @@ class CardWidget(anywidget.AnyWidget):  # type: ignore[misc]
         self._result = result
 
     @classmethod
-    def for_result(cls, result: Any, kind: str) -> CardWidget:
-        spec = card_spec(result, kind, token_views=False)  # asked for one at a time
-        return cls(result=result, spec=live_spec(spec))
+    def for_result(cls, result: Any) -> CardWidget:
+        return cls(result=result, spec=live_spec(card_spec(result)))
 
     @traitlets.observe("selected")
     def _on_selected(self, change: dict[str, Any]) -> None:
@@ -44,7 +43,8 @@ class CardWidget(anywidget.AnyWidget):  # type: ignore[misc]
         if feature < 0:
             self.token_view = {}
             return
-        views = getattr(self._result, "token_views", None)
+        source = getattr(self._result, "diff", self._result)  # a Simulation shows its diff
+        views = getattr(source, "token_views", None)
         if views is None:
             self.error = "this result has no token views"
             return

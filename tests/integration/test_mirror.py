@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 import aquin_nb
-from aquin_nb import _events, mirror
+from aquin_nb import _events, _verbs, mirror
 from aquin_nb.cli import main
 from tests.mirror_server import ServeProcess, ThreadedServer, free_port
 
@@ -78,11 +78,11 @@ def test_a_failing_verb_is_reported_as_failed_and_still_raises(server, tmp_path)
 
 
 def test_nested_verbs_report_only_the_outer_one(server):
-    @mirror.synced("sae_diff")
+    @_verbs.verb("sae_diff")
     def inner():
         return "inner"
 
-    @mirror.synced("simulate")
+    @_verbs.verb("simulate")
     def outer():
         return inner()
 

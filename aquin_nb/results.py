@@ -1,0 +1,477 @@
+"""Every result type aquin_nb returns, in one torch-free module (DESIGN.md decision 4).
+
+Results are frozen dataclasses holding a ``summary`` of plain JSON types and
+pandas DataFrames with the fixed columns documented on each class. They share
+one mixin, `Result`: ``to_json(path)`` / ``from_json(path)`` (versioned,
+written atomically), ``_repr_mimebundle_`` (``text/plain`` plus the static
+card) and ``widget()``. Each class declares its ``kind`` (the JSON's and the
+card's) and the ``verb`` that returns it; `RESULT_TYPES` is the registry the
+cards and the mirror's event schema read.
+
+This module imports pandas and the standard library only: reading a result
+back from JSON and rendering its card never loads torch. Anything that needs
+the models (a diff's token views, a capture's shards) is an explicit method that
+imports its machinery on first use, never a repr.
+
+Example:
+    >>> import aquin_nb, tempfile, os
+    >>> align = aquin_nb.sae_align("tiny-gpt2", "tiny-gpt2", max_features=64, progress=False)
+    >>> path = align.to_json(os.path.join(tempfile.mkdtemp(), "align.json"))
+    >>> again = SaeAlign.from_json(path)
+    >>> again.summary["n_matched"], round(again.summary["mean_cosine"], 3)
+    (64, 1.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import pandas as pd
+
+from ._errors import AquinError
+from ._io import atomic_write_json
+
+SCHEMA_VERSION = 1
+
+R = TypeVar("R", bound="Result")
+RESULT_TYPES: dict[str, type[Result]] = {}
+
+
+def frame_to_json(frame: pd.DataFrame) -> dict[str, list[Any]]:
+    """Column-oriented, with missing values as JSON null rather than NaN."""
+    columns: dict[str, list[Any]] = {}
+    for name in frame.columns:
+        values = frame[name].tolist()
+        columns[name] = [None if isinstance(v, float) and math.isnan(v) else v for v in values]
+    return columns
+
+
+def _frame_from_json(payload: dict[str, Any], name: str, columns: tuple[str, ...], path: Path):
+    data = payload.get(name)
+    if not isinstance(data, dict) or set(data) != set(columns):
+        raise AquinError(f"{path}: '{name}' must have the columns {list(columns)}")
+    lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
+    if len(lengths) > 1 or -1 in lengths:
+        raise AquinError(f"{path}: the columns of '{name}' must be lists of one length")
+    return pd.DataFrame(data, columns=list(columns))
+
+
+def read_payload(path: str | Path, kind: str) -> dict[str, Any]:
+    """The JSON object at ``path``, checked to be a ``kind`` result of this schema version."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise AquinError(f"cannot read {kind} result {path}: {error}") from None
+    found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
+    if not isinstance(payload, dict) or found != kind:
+        raise AquinError(f"{path} is not a {kind} result (kind={found!r})")
+    if payload.get("schema_version") != SCHEMA_VERSION:
+        raise AquinError(
+            f"{path} has schema_version {payload.get('schema_version')!r}; "
+            f"this aquin_nb reads version {SCHEMA_VERSION}"
+        )
+    if not isinstance(payload.get("summary"), dict):
+        raise AquinError(f"{path} has no summary object")
+    return payload
+
+
+class Result:
+    """What every result shares. Subclasses are frozen dataclasses with a ``summary``.
+
+    ``frames`` names the DataFrame fields and their columns; `to_json` writes
+    them column-oriented beside the summary. A result with more than summary
+    and frames overrides `_payload` / `_from_payload`.
+    """
+
+    kind: ClassVar[str]
+    verb: ClassVar[str]
+    frames: ClassVar[dict[str, tuple[str, ...]]] = {}
+    summary: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        RESULT_TYPES[cls.kind] = cls
+
+    def _payload(self) -> dict[str, Any]:
+        return {name: frame_to_json(getattr(self, name)) for name in self.frames}
+
+    @classmethod
+    def _from_payload(cls: type[R], payload: dict[str, Any], path: Path) -> R:
+        frames = {
+            name: _frame_from_json(payload, name, columns, path)
+            for name, columns in cls.frames.items()
+        }
+        return cls(summary=payload["summary"], **frames)  # type: ignore[call-arg]
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the whole result (``schema_version`` 1) atomically; returns the path."""
+        header = {"schema_version": SCHEMA_VERSION, "kind": self.kind, "summary": self.summary}
+        return atomic_write_json(path, {**header, **self._payload()})
+
+    @classmethod
+    def from_json(cls: type[R], path: str | Path) -> R:
+        """Read a result written by `to_json` (no models needed)."""
+        return cls._from_payload(read_payload(path, cls.kind), Path(path))
+
+    def widget(self) -> Any:
+        """A live card (anywidget): sortable tables, feature drill-down where there are models."""
+        from .cards.widget import CardWidget
+
+        return CardWidget.for_result(self)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        """``text/plain`` always; the static HTML card on top (it only reads data)."""
+        bundle = {"text/plain": repr(self)}
+        try:
+            from .cards import render_html
+        except ImportError:  # cards are optional; plain text still works
+            return bundle
+        bundle["text/html"] = render_html(self)
+        return bundle
+
+
+# ----------------------------------------------------------------------------- sae diff
+
+FEATURE_COLUMNS = (
+    "feature",
+    "base",
+    "checkpoint",
+    "delta",
+    "abs_delta",
+    "base_freq",
+    "checkpoint_freq",
+    "p_value",
+    "q_value",
+    "changed",
+)
+# The columns a reader sees first, in the CLI table and on the card.
+DISPLAY_COLUMNS = (
+    "feature",
+    "base",
+    "checkpoint",
+    "delta",
+    "base_freq",
+    "checkpoint_freq",
+    "p_value",
+    "q_value",
+    "changed",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class SaeDiff(Result):
+    """Per-feature activation deltas between a base model and a checkpoint.
+
+    ``summary`` (plain JSON types): ``n_features``, ``n_changed``, ``mean_abs_delta``,
+    ``max_abs_delta``, ``n_prompts``, ``n_tokens``, ``layer``, ``hook``, ``model``,
+    ``checkpoint``, ``name``, ``fit`` (``{"base": {explained_variance, l0},
+    "checkpoint": {...}, "warning": str | None}``), ``criteria`` and ``tool_version``.
+
+    ``features`` has one row per feature, sorted by ``abs_delta`` descending:
+
+    ========================  ===========================================================
+    ``feature``               feature index in the SAE
+    ``base``, ``checkpoint``  mean activation per token over all probe tokens (no BOS/pad)
+    ``delta``, ``abs_delta``  ``checkpoint - base`` and its absolute value
+    ``base_freq``,            fraction of probe tokens on which the feature fires (> 0)
+    ``checkpoint_freq``
+    ``p_value``               two-sided paired t-test across prompts on per-prompt means
+    ``q_value``               Benjamini-Hochberg adjusted p-value over all features
+    ``changed``               ``q_value <= fdr`` and the effect-size floor (see `sae_diff`)
+    ========================  ===========================================================
+
+    ``views`` holds the token views computed so far (`with_token_views`), keyed by
+    feature; they travel with the JSON and the card. ``live`` is the handle to the
+    models that computes them (never serialised: a diff read from JSON has none).
+    """
+
+    kind: ClassVar[str] = "sae_diff"
+    verb: ClassVar[str] = "sae_diff"
+    frames: ClassVar[dict[str, tuple[str, ...]]] = {"features": FEATURE_COLUMNS}
+
+    summary: dict[str, Any]
+    features: pd.DataFrame
+    views: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    live: Any = field(default=None, repr=False)
+
+    def top(self, k: int = 20) -> pd.DataFrame:
+        """The ``k`` features with the largest ``|delta|``."""
+        return self.features.head(k).reset_index(drop=True)
+
+    def changed(self) -> pd.DataFrame:
+        """Only the features that count as changed."""
+        return self.features[self.features["changed"]].reset_index(drop=True)
+
+    def token_views(self, features: list[int] | None = None, k: int = 4) -> dict[int, Any]:
+        """Where each feature fires most: ``k`` prompts, token by token, base and checkpoint.
+
+        Computed on demand in one pass over the probes (at most 32 features at a
+        time, the top 10 by default) and cached; needs the models, so a SaeDiff
+        read back from JSON has none beyond those it was saved with.
+        """
+        chosen = [int(f) for f in (features if features is not None else self.top_features())]
+        if all(f in self.views for f in chosen):
+            return {f: self.views[f] for f in chosen}
+        if self.live is None:
+            raise AquinError(
+                "token views need the models; this SaeDiff was read from JSON, run sae_diff again"
+            )
+        from ._tokenview import compute_token_views
+
+        return compute_token_views(self.live, chosen, k)
+
+    def with_token_views(self, features: list[int] | None = None, k: int = 4) -> SaeDiff:
+        """A copy whose card shows token views for ``features`` (default: the top 10).
+
+        Example:
+            >>> diff = aquin_nb.sae_diff("tiny-gpt2", "tiny-gpt2", progress=False)  # doctest: +SKIP
+            >>> diff.with_token_views()  # the card now opens each top feature's tokens  # doctest: +SKIP
+        """
+        views = self.token_views(features, k)
+        return dataclasses.replace(self, views={**self.views, **views})
+
+    def top_features(self, k: int = 10) -> list[int]:
+        return [int(f) for f in self.features["feature"].head(k)]
+
+    def _payload(self) -> dict[str, Any]:
+        views = {str(feature): view for feature, view in self.views.items()}
+        return {**super()._payload(), "token_views": views}
+
+    @classmethod
+    def _from_payload(cls, payload: dict[str, Any], path: Path) -> SaeDiff:
+        diff = super()._from_payload(payload, path)
+        views = payload.get("token_views") or {}
+        if not isinstance(views, dict):
+            raise AquinError(f"{path}: token_views must be an object")
+        return dataclasses.replace(diff, views={int(k): v for k, v in views.items()})
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"SaeDiff({s['model']} vs {s['name']} @ {s['hook']}: {s['n_changed']}/"
+            f"{s['n_features']} features changed, mean |Δ| {s['mean_abs_delta']:.4g}, "
+            f"max |Δ| {s['max_abs_delta']:.4g}, {s['n_prompts']} prompts / {s['n_tokens']} tokens)"
+        )
+
+
+# ----------------------------------------------------------------------------- sae align
+
+PAIR_COLUMNS = ("a", "b", "cosine", "rank", "encoder_cosine")
+UNMATCHED_COLUMNS = ("side", "feature")
+
+
+@dataclass(frozen=True, eq=False)
+class SaeAlign(Result):
+    """The matching of SAE A's features to SAE B's.
+
+    ``summary``: ``n_a``, ``n_b`` (features aligned on each side), ``n_matched``,
+    ``mean_cosine``, ``median_cosine``, ``frac_above_0.5``/``0.7``/``0.9``,
+    ``method`` (``dense`` or ``sparse``), ``optimal`` (proven), ``gap`` (an upper
+    bound on the optimal total cosine minus ours; 0 when optimal),
+    ``baseline_mean_cosine`` (an unrelated random dictionary of B's shape aligned
+    to A the same way) with ``baseline_method``, ``selection``, ``hook_a``,
+    ``hook_b``, ``d_in``, ``sae_a``, ``sae_b``, ``tool_version``.
+
+    ``pairs``: one row per matched pair, sorted by cosine descending: ``a``, ``b``
+    (feature indices in each SAE), ``cosine`` (of the unit decoder rows), ``rank``
+    (1 = strongest) and ``encoder_cosine`` (of the two encoder columns).
+    ``unmatched``: the wider side's features left without a partner (``side``,
+    ``feature``).
+    """
+
+    kind: ClassVar[str] = "sae_align"
+    verb: ClassVar[str] = "sae_align"
+    frames: ClassVar[dict[str, tuple[str, ...]]] = {
+        "pairs": PAIR_COLUMNS,
+        "unmatched": UNMATCHED_COLUMNS,
+    }
+
+    summary: dict[str, Any]
+    pairs: pd.DataFrame
+    unmatched: pd.DataFrame
+
+    def strongest(self, k: int = 10) -> pd.DataFrame:
+        return self.pairs.head(k).reset_index(drop=True)
+
+    def weakest(self, k: int = 10) -> pd.DataFrame:
+        return self.pairs.tail(k).iloc[::-1].reset_index(drop=True)
+
+    def __repr__(self) -> str:
+        s = self.summary
+        proof = "optimal" if s["optimal"] else f"gap <= {s['gap']:.3g}"
+        return (
+            f"SaeAlign({s['n_matched']} pairs of {s['n_a']} x {s['n_b']}: mean cosine "
+            f"{s['mean_cosine']:.3f} (unrelated baseline {s['baseline_mean_cosine']:.3f}), "
+            f"{s['method']}, {proof})"
+        )
+
+
+# ----------------------------------------------------------------------------- sae train
+
+LOSS_COLUMNS = ("step", "loss", "mse_loss")
+ROTATION_COLUMNS = ("feature", "decoder_cosine", "rotation")
+
+
+@dataclass(frozen=True, eq=False)
+class TrainedSae(Result):
+    """A temporary SAE and how it compares with the public one.
+
+    ``summary``: ``path`` (the ``{cfg, state_dict}`` .pt), ``saelens_dir``,
+    ``model``, ``checkpoint``, ``layer``, ``hook``, ``init_from``,
+    ``architecture``, ``d_sae``, ``steps``, ``tokens``, ``interrupted``,
+    ``metrics`` (``trained`` and ``public``, each with ``explained_variance``,
+    ``l0`` and ``dead_fraction`` on the same held-out activations) and
+    ``tool_version``.
+
+    ``loss_curve``: ``step``, ``loss``, ``mse_loss``. ``features`` (warm start
+    only): ``feature``, ``decoder_cosine`` (to its public self) and
+    ``rotation`` (``1 - decoder_cosine``), most rotated first.
+    """
+
+    kind: ClassVar[str] = "sae_train"
+    verb: ClassVar[str] = "sae_train"
+    frames: ClassVar[dict[str, tuple[str, ...]]] = {
+        "loss_curve": LOSS_COLUMNS,
+        "features": ROTATION_COLUMNS,
+    }
+
+    summary: dict[str, Any]
+    loss_curve: pd.DataFrame
+    features: pd.DataFrame
+
+    def rotated(self, k: int = 20) -> pd.DataFrame:
+        """The ``k`` features whose decoder direction moved most from the public SAE."""
+        return self.features.head(k).reset_index(drop=True)
+
+    def load(self) -> Any:
+        """The trained SAE as an SAELens object."""
+        from .saes import load_sae
+
+        return load_sae(self.summary["path"])
+
+    def __repr__(self) -> str:
+        s = self.summary
+        trained, public = s["metrics"]["trained"], s["metrics"]["public"]
+        public_text = (
+            f", public EV {public['explained_variance']:.3f}" if public is not None else ""
+        )
+        return (
+            f"TrainedSae({s['model']} layer {s['layer']}, {s['architecture']} d_sae {s['d_sae']}, "
+            f"{s['steps']} steps: EV {trained['explained_variance']:.3f}{public_text}"
+            f"{', interrupted' if s['interrupted'] else ''})"
+        )
+
+
+# ----------------------------------------------------------------------------- capture
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True, eq=False)
+class Capture(Result):
+    """A capture directory: ``manifest.json`` plus ``layers/layer_<N>.pt`` shards.
+
+    ``summary`` is the manifest: ``model``, ``checkpoint``, ``name``, ``layers``,
+    ``hooks``, ``position``, ``n_prompts``, ``n_rows``, ``d_model``, ``shapes``,
+    ``dtype``, ``prepend_bos``, ``processing``, ``sae_layer``, ``created`` and
+    ``tool_version``. Each shard holds ``{"activations": [rows, d_model],
+    "prompt_index": [rows]}``; with ``position="all"`` a row is a token (BOS
+    excluded), otherwise a prompt.
+    """
+
+    kind: ClassVar[str] = "capture"
+    verb: ClassVar[str] = "capture_activations"
+
+    directory: Path
+    summary: dict[str, Any]
+
+    def layer_path(self, layer: int) -> Path:
+        return self.directory / "layers" / f"layer_{layer}.pt"
+
+    def load_layer(self, layer: int) -> Any:
+        """Layer ``layer``'s activations, ``[rows, d_model]`` (a torch tensor)."""
+        from .capture import read_shard
+
+        if layer not in self.summary["layers"]:
+            raise AquinError(
+                f"capture {self.directory} has no layer {layer} (it has {self.summary['layers']})"
+            )
+        return read_shard(self.layer_path(layer), self.summary["d_model"])["activations"]
+
+    @classmethod
+    def open(cls, directory: str | Path) -> Capture:
+        """Read and check a capture directory's manifest."""
+        directory = Path(directory)
+        path = directory / MANIFEST
+        try:
+            manifest = json.loads(path.read_text("utf-8"))
+        except FileNotFoundError:
+            raise AquinError(f"activations directory {directory} has no {MANIFEST}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            raise AquinError(f"{path} is not a valid manifest: {error}") from None
+        required = {"layers", "d_model", "position", "hooks"}
+        if not isinstance(manifest, dict) or not required <= set(manifest):
+            missing = sorted(required - set(manifest)) if isinstance(manifest, dict) else required
+            raise AquinError(f"{path} is not a valid manifest: missing {missing}")
+        return cls(directory=directory, summary=manifest)
+
+    def _payload(self) -> dict[str, Any]:
+        return {"directory": str(self.directory)}
+
+    @classmethod
+    def _from_payload(cls, payload: dict[str, Any], path: Path) -> Capture:
+        if not isinstance(payload.get("directory"), str):
+            raise AquinError(f"{path}: a capture result needs its directory")
+        return cls(directory=Path(payload["directory"]), summary=payload["summary"])
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"Capture({self.directory}: {s['model']}{' + ' + s['name'] if s.get('name') else ''}, "
+            f"layers {s['layers']}, {s['n_rows']} rows x {s['d_model']} ({s['position']}))"
+        )
+
+
+# ----------------------------------------------------------------------------- simulate
+
+
+@dataclass(frozen=True, eq=False)
+class Simulation(Result):
+    """A forecast fine-tune: the synthetic checkpoint and its ``SaeDiff`` against the base.
+
+    ``summary``: ``checkpoint`` (path), ``method`` (``ntk-diagonal`` or
+    ``exact-linear``), ``curvature``, ``lr``, ``steps``, ``batch_size``,
+    ``n_examples``, ``params`` (the filter) and ``n_params`` (tensors moved),
+    ``delta_norm``, ``seconds``, ``model``. ``diff`` is the forecast's `SaeDiff`.
+    """
+
+    kind: ClassVar[str] = "simulation"
+    verb: ClassVar[str] = "simulate"
+
+    summary: dict[str, Any]
+    diff: SaeDiff
+
+    def _payload(self) -> dict[str, Any]:
+        diff = self.diff
+        return {"diff": {"summary": diff.summary, **diff._payload()}}
+
+    @classmethod
+    def _from_payload(cls, payload: dict[str, Any], path: Path) -> Simulation:
+        inner = payload.get("diff")
+        if not isinstance(inner, dict) or not isinstance(inner.get("summary"), dict):
+            raise AquinError(f"{path}: a simulation result needs its diff")
+        return cls(summary=payload["summary"], diff=SaeDiff._from_payload(inner, path))
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"Simulation({s['method']}, lr {s['lr']}, {s['steps']} steps, {s['n_params']} tensors: "
+            f"nChanged={self.diff.summary['n_changed']} "
+            f"meanAbsDelta={self.diff.summary['mean_abs_delta']:.6g})"
+        )
