@@ -2,9 +2,11 @@
 
 Example:
     >>> import aquin_nb
-    >>> cap = aquin_nb.capture_activations("tiny-gpt2", output="acts", layers=[1, 2])  # doctest: +SKIP
-    >>> cap.load_layer(2).shape  # doctest: +SKIP
-    torch.Size([508, 192])
+    >>> cap = aquin_nb.capture_activations(
+    ...     "tiny-gpt2", output="acts", layers=[1, 2], count=8, progress=False
+    ... )
+    >>> cap.summary["layers"], cap.load_layer(2).shape[1]
+    ([1, 2], 192)
 """
 
 from __future__ import annotations
@@ -148,7 +150,10 @@ def capture_activations(
     the public SAE's numerics (BOS, weight processing) so they are comparable.
 
     Example:
-        >>> capture_activations("tiny-gpt2", output="acts", layers="1,2", position="last")  # doctest: +SKIP
+        >>> capture_activations(
+        ...     "tiny-gpt2", output="acts", layers="1,2", position="last", count=4, progress=False
+        ... ).summary["n_rows"]
+        4
     """
     from .models import load_model
 

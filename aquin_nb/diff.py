@@ -2,8 +2,9 @@
 
 Example:
     >>> import aquin_nb
-    >>> diff = aquin_nb.sae_diff("tiny-gpt2", "runs/lora/checkpoints/checkpoint.pt")  # doctest: +SKIP
-    >>> diff.summary["n_changed"], diff.top(5)  # doctest: +SKIP
+    >>> diff = aquin_nb.sae_diff("tiny-gpt2", checkpoint, progress=False)  # a planted feature 101
+    >>> int(diff.top(1)["feature"][0]), bool(diff.top(1)["changed"][0])
+    (101, True)
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ def sae_diff(
       ``|delta| >= min_abs_delta`` (``delta`` being the token-mean difference).
 
     Example:
-        >>> diff = sae_diff("tiny-gpt2", "runs/lora/checkpoints/checkpoint.pt")  # doctest: +SKIP
-        >>> diff.top(3)[["feature", "base", "checkpoint", "delta"]]  # doctest: +SKIP
+        >>> diff = sae_diff("tiny-gpt2", checkpoint, name="my-ft", progress=False)
+        >>> list(diff.top(3).columns[:4]), diff.summary["name"]
+        (['feature', 'base', 'checkpoint', 'delta'], 'my-ft')
     """
     if not 0 < fdr < 1:
         raise AquinError(f"fdr must be between 0 and 1, got {fdr}")

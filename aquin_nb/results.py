@@ -230,8 +230,10 @@ class SaeDiff(Result):
         """A copy whose card shows token views for ``features`` (default: the top 10).
 
         Example:
-            >>> diff = aquin_nb.sae_diff("tiny-gpt2", "tiny-gpt2", progress=False)  # doctest: +SKIP
-            >>> diff.with_token_views()  # the card now opens each top feature's tokens  # doctest: +SKIP
+            >>> import aquin_nb
+            >>> diff = aquin_nb.sae_diff("tiny-gpt2", checkpoint, progress=False)
+            >>> sorted(diff.views), sorted(diff.with_token_views([101, 7]).views)
+            ([], [7, 101])
         """
         views = self.token_views(features, k)
         return dataclasses.replace(self, views={**self.views, **views})

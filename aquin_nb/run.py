@@ -2,9 +2,11 @@
 
 Example:
     >>> from aquin_nb import Run
-    >>> path = Run("my_run").checkpoint(model, step=100)  # doctest: +SKIP
-    >>> path.name
-    'checkpoint.pt'
+    >>> from aquin_nb.models import load_hf_model
+    >>> model, _, _ = load_hf_model("tiny-gpt2")
+    >>> path = Run("my_run").checkpoint(model, step=100)
+    >>> path.name, sorted(p.name for p in path.parent.iterdir())
+    ('checkpoint.pt', ['checkpoint.pt', 'step_100.pt'])
 """
 
 from __future__ import annotations

@@ -17,8 +17,11 @@ The synthetic checkpoint is written as ``{step, state_dict}`` and diffed with
 ``sae_diff``.
 
 Example:
-    >>> sim = aquin_nb.simulate("tiny-gpt2", "data.jsonl", lr=0.002, steps=100)  # doctest: +SKIP
-    >>> sim.diff.summary["n_changed"]  # doctest: +SKIP
+    >>> import aquin_nb
+    >>> rows = [{"instruction": "Bake bread.", "response": "Preheat the oven."}] * 4
+    >>> sim = aquin_nb.simulate("tiny-gpt2", rows, steps=20, output="sim.pt", progress=False)
+    >>> sim.summary["method"], sim.diff.summary["n_features"]
+    ('ntk-diagonal', 1536)
 """
 
 from __future__ import annotations
@@ -185,7 +188,10 @@ def simulate(
     (default: the shipped probes).
 
     Example:
-        >>> sim = simulate("tiny-gpt2", "cooking.jsonl", lr=0.002, steps=100)  # doctest: +SKIP
+        >>> from aquin_nb.demo.finetune import FINETUNE_DATA  # the shipped cooking set
+        >>> sim = simulate("tiny-gpt2", FINETUNE_DATA, steps=50, output="sim.pt", progress=False)
+        >>> sim.summary["n_examples"] > 100 and sim.diff.summary["max_abs_delta"] > 0
+        True
     """
     from torch.func import functional_call
 

@@ -6,8 +6,11 @@ evaluates the result beside the public SAE.
 
 Example:
     >>> import aquin_nb
-    >>> trained = aquin_nb.sae_train("tiny-gpt2", layer=2, checkpoint="ft.pt", quick=True)  # doctest: +SKIP
-    >>> trained.summary["metrics"]["trained"]["explained_variance"]  # doctest: +SKIP
+    >>> trained = aquin_nb.sae_train(
+    ...     "tiny-gpt2", 2, checkpoint=checkpoint, steps=20, output="temp_sae", progress=False
+    ... )
+    >>> trained.summary["init_from"], trained.summary["d_sae"], trained.load().cfg.d_in
+    ('public', 1536, 192)
 """
 
 from __future__ import annotations
@@ -147,8 +150,9 @@ def sae_train(
     (or ``$AQUIN_NB_HOME``) moves it.
 
     Example:
-        >>> trained = sae_train("tiny-gpt2", 2, checkpoint="ft.pt", quick=True)  # doctest: +SKIP
-        >>> trained.rotated(5)  # doctest: +SKIP
+        >>> trained = sae_train("tiny-gpt2", 2, checkpoint=checkpoint, steps=20, output="sae")
+        >>> list(trained.rotated(5).columns), len(trained.rotated(5))
+        (['feature', 'decoder_cosine', 'rotation'], 5)
     """
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata

@@ -4,7 +4,11 @@ Sorting and filtering happen in the browser; selecting a feature row sends its
 index to Python, which computes that feature's token view lazily.
 
 Example:
-    >>> diff.widget()  # doctest: +SKIP
+    >>> import aquin_nb
+    >>> widget = aquin_nb.sae_diff("tiny-gpt2", checkpoint, progress=False).widget()
+    >>> widget.selected = 101  # what a click on feature 101 sends from the browser
+    >>> widget.token_view["feature"], len(widget.token_view["prompts"])
+    (101, 4)
 """
 
 from __future__ import annotations

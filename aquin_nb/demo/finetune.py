@@ -5,7 +5,7 @@ checkpoint that ``aquin-nb sae diff --checkpoint`` reads.
 
 Example:
     >>> from aquin_nb.demo.finetune import finetune_lora
-    >>> path = finetune_lora("tiny-gpt2", run_dir="runs/cooking")  # doctest: +SKIP
+    >>> path = finetune_lora("tiny-gpt2", run_dir="runs/cooking", steps=2, progress=False)
     >>> path.name
     'checkpoint.pt'
 """

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..align import SaeAlign, sae_align
-from ..diff import SaeDiff, sae_diff
-from ..train import TrainedSae, sae_train
+from ..align import sae_align
+from ..diff import sae_diff
+from ..results import SaeAlign, SaeDiff, TrainedSae
+from ..train import sae_train
 from .finetune import finetune_lora
 
 
@@ -39,6 +40,7 @@ def run_demo(
     out = Path(out)
     checkpoint = finetune_lora("tiny-gpt2", run_dir=out / "run", steps=steps, progress=progress)
     diff = sae_diff("tiny-gpt2", checkpoint, name="cooking-lora", progress=progress)
+    diff = diff.with_token_views()  # the report shows where the top features fire
     trained = sae_train(
         "tiny-gpt2",
         diff.summary["layer"],

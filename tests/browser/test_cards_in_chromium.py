@@ -10,6 +10,8 @@ import pytest
 
 from .conftest import ARTIFACTS
 
+pytestmark = pytest.mark.browser
+
 
 @pytest.fixture(scope="module")
 def exported_notebook(run_notebook):
