@@ -191,16 +191,16 @@ def _cmd_capture(args: argparse.Namespace) -> None:
     if args.output_json:
         import json
 
-        say(json.dumps({"directory": str(capture.directory), **capture.summary}, indent=2))
+        say(json.dumps(capture.to_dict(), indent=2))
         args.top = 0
     _show(args, capture)
 
 
 def _cmd_sae_train(args: argparse.Namespace) -> None:
+    _split_legacy_output(args, "out_dir", ())
     if args.json:
         _deprecated("--json FILE: use --output FILE")
         args.output = args.output or args.json
-    _split_legacy_output(args, "out_dir", ())
     _check_outputs(args, args.checkpoint, args.activations, args.prompts)
     _quiet_library_loaders()
     from .train import sae_train
@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--sae-layer", type=int, help="layer for --encode-sae")
     capture.add_argument("--sae", help="SAE for --encode-sae (default: the public one)")
     capture.add_argument("--name", help="label for the checkpoint")
-    capture.add_argument("--output-json", action="store_true", help="print the manifest as JSON")
+    capture.add_argument("--output-json", action="store_true", help="print the result JSON")
     capture.add_argument("--overwrite", action="store_true", help="write into a non-empty dir")
 
     sim = _verb_parser(

@@ -109,10 +109,14 @@ class Result:
         }
         return cls(summary=payload["summary"], **frames)  # type: ignore[call-arg]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The whole result as JSON types: what `to_json` writes."""
+        header = {"schema_version": SCHEMA_VERSION, "kind": self.kind, "summary": self.summary}
+        return {**header, **self._payload()}
+
     def to_json(self, path: str | Path) -> Path:
         """Write the whole result (``schema_version`` 1) atomically; returns the path."""
-        header = {"schema_version": SCHEMA_VERSION, "kind": self.kind, "summary": self.summary}
-        return atomic_write_json(path, {**header, **self._payload()})
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls: type[R], path: str | Path) -> R:
