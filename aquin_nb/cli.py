@@ -16,6 +16,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ._cli_commands import (
+    _cmd_capture,
+    _cmd_demo,
+    _cmd_models,
+    _cmd_pull_sae,
+    _cmd_sae_align,
+    _cmd_sae_diff,
+    _cmd_sae_train,
+    _cmd_serve,
+    _cmd_simulate,
+)
 from ._errors import AquinError
 
 
@@ -23,11 +34,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, no usage block: the CLI's contract for bad input.
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def say(text: str = "") -> None:
-    """The one place the CLI prints results."""
-    print(text, flush=True)
 
 
 def _finite_float(text: str) -> float:
@@ -50,239 +56,6 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is negative; give 0 or more")
     return value
-
-
-def _deprecated(message: str) -> None:
-    sys.stderr.write(f"aquin-nb: warning: {message} (deprecated; removed in the next release)\n")
-
-
-def _split_legacy_output(
-    args: argparse.Namespace, new_flag: str, suffixes: tuple[str, ...]
-) -> None:
-    """``--output`` used to name a directory or checkpoint for some verbs; now it is the JSON.
-
-    A value that does not end in ``.json`` and matches the old meaning (no suffix
-    for a directory, ``suffixes`` for a file) keeps working for one release.
-    """
-    output = args.output
-    if output is None or output.endswith(".json"):
-        return
-    old_meaning = Path(output).suffix in suffixes if suffixes else Path(output).suffix == ""
-    if old_meaning and getattr(args, new_flag) is None:
-        _deprecated(f"--output {output} for {args.verb_name}: use --{new_flag.replace('_', '-')}")
-        setattr(args, new_flag, output)
-        args.output = None
-
-
-def _check_outputs(args: argparse.Namespace, *inputs: Any) -> None:
-    """Refuse, before any work, outputs that would lose something: a directory named as
-    the result JSON, or an output that is one of the inputs."""
-    sources = [Path(str(p)).expanduser() for p in inputs if isinstance(p, (str, Path))]
-    for flag in ("output", "html", "checkpoint_out"):
-        value = getattr(args, flag, None)
-        if not value:
-            continue
-        target = Path(value).expanduser()
-        name = "--" + flag.replace("_", "-")
-        if target.is_dir():
-            raise AquinError(f"{name} {value} is a directory; give a file path")
-        for source in sources:
-            if source.exists() and target.exists() and os.path.samefile(source, target):
-                raise AquinError(f"{name} {value} is the input {source}; refusing to overwrite it")
-            if target.resolve() == source.resolve():
-                raise AquinError(f"{name} {value} is the input {source}; refusing to overwrite it")
-
-
-def _show(args: argparse.Namespace, result: Any) -> None:
-    """Print the result's card as text, then write ``--output`` (JSON) and ``--html``."""
-    from .cards import card_spec, render_text
-
-    say(render_text(card_spec(result, rows=args.top)))
-    if args.output:
-        say(f"wrote {result.to_json(args.output)}")
-    if args.html:
-        from .cards import write_report
-
-        say(f"wrote {write_report(args.html, [result])}")
-
-
-def _cmd_models(args: argparse.Namespace) -> None:
-    from .catalog import CATALOG
-
-    say(f"{'slug':<20} {'model':<32} {'SAE release':<34} layer  description")
-    for entry in CATALOG:
-        say(
-            f"{entry.slug:<20} {entry.hf_model:<32} {entry.sae_release:<34} "
-            f"{entry.default_layer:>5}  {entry.description}"
-        )
-
-
-def _cmd_pull_sae(args: argparse.Namespace) -> None:
-    _quiet_library_loaders()
-    from .catalog import get_entry
-    from .saes import load_sae
-
-    entry = get_entry(args.slug)
-    sae_id = entry.sae_id_for(args.layer)
-    sae = load_sae(entry.slug, args.layer)
-    where = "ships with aquin_nb" if entry.embedded else "cached"
-    say(f"{entry.sae_release}:{sae_id} {where} (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae})")
-
-
-def _cmd_sae_diff(args: argparse.Namespace) -> None:
-    _check_outputs(args, args.checkpoint, args.prompts, args.sae)
-    _quiet_library_loaders()
-    from .diff import sae_diff
-
-    diff = sae_diff(
-        args.model,
-        args.checkpoint,
-        prompts=args.prompts,
-        layer=args.layer,
-        sae=args.sae,
-        name=args.name,
-        batch_size=args.batch_size,
-        fdr=args.fdr,
-        min_rel_delta=args.min_rel_delta,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    _show(args, diff)
-
-
-def _cmd_sae_align(args: argparse.Namespace) -> None:
-    _check_outputs(args, args.sae_a, args.sae_b)
-    from .align import sae_align
-
-    align = sae_align(
-        args.sae_a,
-        args.sae_b,
-        args.max_features,
-        method=args.method,
-        force=args.force,
-        progress=not args.quiet,
-    )
-    _show(args, align)
-
-
-def _cmd_capture(args: argparse.Namespace) -> None:
-    _split_legacy_output(args, "out_dir", ())
-    if args.out_dir is None:
-        raise AquinError("capture needs --out-dir DIR, the directory the shards go to")
-    _check_outputs(args, args.checkpoint, args.prompts)
-    _quiet_library_loaders()
-    from .capture import capture_activations
-
-    capture = capture_activations(
-        args.model,
-        args.checkpoint,
-        args.prompts,
-        output=args.out_dir,
-        layers=args.layers,
-        position=args.position,
-        count=args.count,
-        encode_sae=args.encode_sae,
-        sae=args.sae,
-        sae_layer=args.sae_layer,
-        name=args.name,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
-    if args.output_json:
-        import json
-
-        say(json.dumps(capture.to_dict(), indent=2))
-        args.top = 0
-    _show(args, capture)
-
-
-def _cmd_sae_train(args: argparse.Namespace) -> None:
-    _split_legacy_output(args, "out_dir", ())
-    if args.json:
-        _deprecated("--json FILE: use --output FILE")
-        args.output = args.output or args.json
-    _check_outputs(args, args.checkpoint, args.activations, args.prompts)
-    _quiet_library_loaders()
-    from .train import sae_train
-
-    trained = sae_train(
-        args.model,
-        args.layer,
-        checkpoint=args.checkpoint,
-        activations=args.activations,
-        prompts=args.prompts,
-        init_from=args.init_from,
-        architecture=args.architecture,
-        d_sae=args.d_sae,
-        steps=args.steps,
-        tokens=args.tokens,
-        quick=args.quick,
-        name=args.name,
-        output=args.out_dir,
-        progress=not args.quiet,
-    )
-    _show(args, trained)
-
-
-def _cmd_simulate(args: argparse.Namespace) -> None:
-    _split_legacy_output(args, "checkpoint_out", (".pt", ".pth", ".bin", ".safetensors"))
-    _check_outputs(args, args.data, args.model)
-    _quiet_library_loaders()
-    from .simulate import simulate
-
-    simulation = simulate(
-        args.model,
-        args.data,
-        lr=args.lr,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        layer=args.layer,
-        sae=args.sae,
-        name=args.name,
-        output=args.checkpoint_out,
-        params=args.params,
-        exact_linear=args.exact_linear,
-        curvature=args.curvature,
-        progress=not args.quiet,
-    )
-    _show(args, simulation)
-
-
-def _cmd_demo(args: argparse.Namespace) -> None:
-    _quiet_library_loaders()
-    from .cards import card_spec, render_text
-    from .demo.run import run_demo
-
-    result = run_demo(args.out, steps=args.steps, progress=not args.quiet)
-    say(f"[demo] LoRA fine-tune of tiny-gpt2 on the cooking set: {result.checkpoint}")
-    for shown in (result.diff, result.trained, result.align):
-        say()
-        say(render_text(card_spec(shown, rows=args.top)))
-    say()
-    for path in result.written:
-        say(f"wrote {path}")
-
-
-def _cmd_serve(args: argparse.Namespace) -> None:
-    from .server import create_app, default_db, open_socket, run
-
-    if not 0 <= args.port <= 65535:
-        raise AquinError(f"--port {args.port} is not a TCP port (0-65535)")
-    db = args.db or default_db()
-    sock = open_socket(args.host, args.port)
-    app = create_app(db, token=args.token)
-    host, port = sock.getsockname()[:2]
-    origin = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    state = "generated now and stored" if app.state.token_generated else "stored"
-    say(f"[serve] aquin_nb mirror on {origin}, sessions in {db}")
-    say(f"[serve] token ({state} in the database): {app.state.token}")
-    say(f"[serve] open {origin}/?token={app.state.token}")
-    say(
-        f"[serve] clients: AQUIN_NB_URL={origin} AQUIN_NB_TOKEN={app.state.token} AQUIN_NB_SESSION=NAME"
-    )
-    if host not in ("127.0.0.1", "::1", "localhost"):
-        say(f"[serve] warning: listening on {host}, reachable from other machines")
-    run(app, sock)
 
 
 def _verb_parser(
@@ -311,7 +84,6 @@ def _verb_parser(
 
 def _connect_mirror(args: argparse.Namespace) -> Any:
     """``--sync``, or AQUIN_NB_URL in the environment: mirror this verb's run."""
-    import os
 
     from . import mirror
 
@@ -507,19 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_cmd_demo)
     return parser
-
-
-def _quiet_library_loaders() -> None:
-    """Our own tqdm bars show the work; the per-tensor loading bars of transformers are noise.
-
-    The CLI owns its process, so it may set this; the library never does.
-    """
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
