@@ -57,8 +57,12 @@ def context_length(bridge: TransformerBridge, numerics: SaeNumerics) -> int:
 def tokenize_prompts(
     tokenizer: Any, prompts: Sequence[str], *, prepend_bos: bool, max_length: int
 ) -> list[list[int]]:
-    """Token ids per prompt, BOS first when the SAE was trained with it, truncated to context."""
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    """Token ids per prompt, BOS first when the SAE was trained with it, truncated to context.
+
+    Only a prefix of each prompt is tokenised (see `encode_prefixes`), so a
+    50 MB one-line prompt costs what its first ``max_length`` tokens cost.
+    """
+    encoded = encode_prefixes(tokenizer, prompts, max_length)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prepend_bos and bos is None:
         raise AquinError("the SAE expects a BOS token but the tokenizer has neither BOS nor EOS")
@@ -77,6 +81,46 @@ def tokenize_prompts(
             "%d prompt(s) longer than the context (%d tokens) were truncated", truncated, max_length
         )
     return token_lists
+
+
+# A token rarely spans more than a few characters; the longest vocabulary entries
+# (runs of spaces or dashes) reach 32-128. The first cut keeps this many characters
+# per wanted token and grows only for prompts where that was not enough.
+CHARS_PER_TOKEN = 32
+# Never more than this many characters per wanted token, however few tokens a
+# prompt yields (text a tokenizer drops, e.g. control characters): the rest is cut.
+MAX_CHARS_PER_TOKEN = 4096
+# Tokens kept beyond max_length before a cut prefix counts as long enough: the
+# last few tokens of a cut prefix may differ from the uncut text's (a word split
+# at the cut), and the margin keeps those out of the first max_length.
+_CUT_MARGIN_TOKENS = 16
+
+
+def encode_prefixes(tokenizer: Any, prompts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each prompt's first ``max_length`` tokens (or more), never the whole text.
+
+    Each prompt is cut to ``max_length * CHARS_PER_TOKEN`` characters before it is
+    tokenised; a cut prompt that yields fewer than ``max_length`` plus a margin of
+    tokens is tokenised again from a prefix twice as long, up to the whole text
+    or ``max_length * MAX_CHARS_PER_TOKEN`` characters. Within that bound the
+    first ``max_length`` ids equal those of the uncut prompt.
+    """
+    wanted = max_length + _CUT_MARGIN_TOKENS
+    limit = max(1, max_length) * CHARS_PER_TOKEN
+    ceiling = max(1, max_length) * MAX_CHARS_PER_TOKEN
+    texts = [str(text)[:ceiling] for text in prompts]
+    encoded = [
+        list(ids)
+        for ids in tokenizer([t[:limit] for t in texts], add_special_tokens=False)["input_ids"]
+    ]
+    pending = [i for i, text in enumerate(texts) if len(text) > limit and len(encoded[i]) < wanted]
+    while pending:
+        limit *= 2
+        again = tokenizer([texts[i][:limit] for i in pending], add_special_tokens=False)
+        for index, ids in zip(pending, again["input_ids"], strict=True):
+            encoded[index] = list(ids)
+        pending = [i for i in pending if len(texts[i]) > limit and len(encoded[i]) < wanted]
+    return encoded
 
 
 def token_batches(

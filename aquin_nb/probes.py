@@ -9,12 +9,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ._errors import AquinError
+from ._io import parse_json
 from .catalog import EMBEDDED_DIR
 
 SHIPPED_PROBES = EMBEDDED_DIR / "probes.json"
@@ -58,7 +58,11 @@ def load_prompts(
 
 
 def read_json_items(path: Path, what: str = "prompts file") -> list[Any]:
-    """Items of a JSON array or JSONL file, with errors that name the file and line."""
+    """Items of a JSON array or JSONL file, with errors that name the file and line.
+
+    Hostile JSON (nesting deeper than the recursion limit, integers with more
+    digits than Python converts) is refused as one `AquinError` naming the file.
+    """
     if not path.is_file():
         raise AquinError(f"{what} {path} does not exist")
     try:
@@ -71,23 +75,15 @@ def read_json_items(path: Path, what: str = "prompts file") -> list[Any]:
     if not stripped:
         raise AquinError(f"{what} {path} is empty")
     if stripped.startswith("["):
-        try:
-            items = json.loads(stripped)
-        except json.JSONDecodeError as error:
-            raise AquinError(
-                f"{what} {path} is not valid JSON: {error.msg} at line {error.lineno}"
-            ) from None
-        return list(items)
+        items = parse_json(stripped, f"{what} {path}")
+        if not isinstance(items, list):  # "[1] x" fails to parse; this is belt and braces
+            raise AquinError(f"{what} {path} is not a JSON array")
+        return items
     items = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            items.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise AquinError(
-                f"{what} {path} line {line_number} is not valid JSON: {error.msg}"
-            ) from None
+        items.append(parse_json(line, f"{what} {path} line {line_number}"))
     return items
 
 
