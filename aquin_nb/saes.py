@@ -153,24 +153,103 @@ def load_sae(slug_or_path: Any, layer: int | None = None, *, device: str = "cpu"
     )
 
 
+# SAE dimensions beyond these are refused before anything is allocated: the widest
+# residual streams are ~2**15 wide and the largest public dictionaries ~2**25.
+MAX_SAE_D_IN = 2**20
+MAX_SAE_D_SAE = 2**30
+_MAX_SAE_CONFIG_BYTES = 16 * 1024 * 1024
+_SAE_WEIGHTS = "sae_weights.safetensors"
+
+
 def _load_sae_dir(path: Path, device: str) -> SAE[Any]:
     from sae_lens import SAE
 
-    if not (path / "cfg.json").is_file():
+    from ._io import read_json
+
+    cfg_path = path / "cfg.json"
+    if not cfg_path.is_file():
         raise AquinError(f"SAE directory {path} has no cfg.json (expected SAELens format)")
+    cfg = read_json(cfg_path, "SAE config", max_bytes=_MAX_SAE_CONFIG_BYTES)
+    check_sae_cfg(cfg, f"SAE config {cfg_path}")
+    weights = path / _SAE_WEIGHTS
+    if not weights.is_file():
+        raise AquinError(f"SAE directory {path} has no {_SAE_WEIGHTS}")
+    _check_sae_shapes(cfg, _declared_shapes(weights), str(weights))
     try:
         with _quiet_processing_hint():
-            return SAE.load_from_disk(str(path), device=device)
-    except (KeyError, ValueError, RuntimeError, OSError) as error:
+            sae = SAE.load_from_disk(str(path), device=device)
+    except (KeyError, ValueError, RuntimeError, OSError, TypeError, AttributeError) as error:
         raise AquinError(f"cannot load SAE from {path}: {_first_line(error)}") from None
+    check_sae_values(sae, str(weights))
+    return sae
+
+
+def _declared_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, without reading any tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:  # type: ignore[no-untyped-call]
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AquinError(
+            f"cannot read SAE weights {weights}: not a valid safetensors file ({error})"
+        ) from None
+
+
+def check_sae_cfg(cfg: Any, where: str) -> None:
+    """Refuse a SAELens cfg that is not an object or whose sizes are not sane integers."""
+    if not isinstance(cfg, dict):
+        kind = "array" if isinstance(cfg, list) else type(cfg).__name__
+        raise AquinError(f"{where} holds a JSON {kind}, expected an object")
+    for key, limit in (("d_in", MAX_SAE_D_IN), ("d_sae", MAX_SAE_D_SAE)):
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise AquinError(f"{where}: {key} is {value!r}, expected an integer from 1 to {limit}")
+    for key in ("architecture", "dtype", "hook_name"):
+        if key in cfg and not isinstance(cfg[key], str):
+            raise AquinError(f"{where}: {key} is {cfg[key]!r}, expected a string")
+    if "metadata" in cfg and not isinstance(cfg["metadata"], (dict, type(None))):
+        raise AquinError(
+            f"{where}: metadata is a {type(cfg['metadata']).__name__}, expected an object"
+        )
+
+
+def _check_sae_shapes(cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """The encoder and decoder must have the sizes the cfg states (before SAELens allocates)."""
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    d_out = cfg.get("d_out", d_in)
+    if "W_dec" not in shapes:
+        raise AquinError(f"SAE weights {source} have no W_dec tensor")
+    wanted = {"W_dec": (d_sae, d_out), "W_enc": (d_in, d_sae)}
+    for key, shape in wanted.items():
+        if key in shapes and tuple(shapes[key]) != shape:
+            raise AquinError(
+                f"SAE tensor {key} has shape {tuple(shapes[key])} in {source} but cfg "
+                f"d_in={d_in}, d_sae={d_sae} needs {shape}"
+            )
+
+
+def check_sae_values(sae: Any, source: str) -> None:
+    """Refuse an SAE whose parameters hold NaN, inf or absurd magnitudes, naming the tensor."""
+    from ._checkpoints import check_plain_tensors, check_tensor_values
+
+    state = sae.state_dict()
+    check_plain_tensors(state, f"SAE {source}")
+    for key, tensor in state.items():
+        check_tensor_values(key, tensor, f"SAE {source}")
 
 
 def _load_sae_pt(path: Path, device: str) -> SAE[Any]:
     from ._checkpoints import _torch_load
 
     payload = _torch_load(path)
-    if not isinstance(payload, dict) or "cfg" not in payload or "state_dict" not in payload:
-        raise AquinError(f"SAE file {path} must hold {{'cfg': ..., 'state_dict': ...}}")
+    if (
+        not isinstance(payload, dict)
+        or not isinstance(payload.get("cfg"), dict)
+        or not isinstance(payload.get("state_dict"), dict)
+    ):
+        raise AquinError(f"SAE file {path} must hold {{'cfg': {{...}}, 'state_dict': {{...}}}}")
     return sae_from_cfg_and_state(
         payload["cfg"], payload["state_dict"], source=str(path), device=device
     )
@@ -179,10 +258,20 @@ def _load_sae_pt(path: Path, device: str) -> SAE[Any]:
 def sae_from_cfg_and_state(
     cfg: dict[str, Any], state_dict: dict[str, torch.Tensor], *, source: str, device: str = "cpu"
 ) -> SAE[Any]:
-    """Build an inference ``SAE`` from a SAELens cfg dict and its tensors, checking shapes."""
+    """Build an inference ``SAE`` from a SAELens cfg dict and its tensors, checking shapes.
+
+    The cfg's sizes are checked against the tensors before the SAE is built, so a
+    cfg claiming ``d_sae=10**12`` allocates nothing; NaN, inf and absurd values
+    are refused naming the tensor.
+    """
     from sae_lens import SAE
     from sae_lens.saes.sae import SAEConfig
 
+    from ._checkpoints import check_plain_tensors
+
+    check_sae_cfg(cfg, f"SAE file {source} cfg")
+    check_plain_tensors(state_dict, f"SAE file {source}")
+    _check_sae_shapes(cfg, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
     cfg = dict(cfg)
     cfg.setdefault("architecture", "standard")
     cfg["device"] = device
@@ -191,7 +280,7 @@ def sae_from_cfg_and_state(
         sae_cfg = SAEConfig.from_dict(cfg)
         with _quiet_processing_hint():
             sae = sae_cls(sae_cfg)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise AquinError(f"SAE file {source} has an invalid cfg: {_first_line(error)}") from None
     expected = sae.state_dict()
     for key, tensor in expected.items():
@@ -203,6 +292,7 @@ def sae_from_cfg_and_state(
                 f"cfg d_in={cfg.get('d_in')}, d_sae={cfg.get('d_sae')} needs {tuple(tensor.shape)}"
             )
     sae.load_state_dict({key: state_dict[key] for key in expected})
+    check_sae_values(sae, source)
     return sae
 
 
@@ -220,17 +310,22 @@ def _from_registry(release: str, sae_id: str, device: str) -> SAE[Any]:
     if not hub_reachable():
         try:  # offline: the local cache may still hold it
             with _quiet_processing_hint(), _offline():
-                return SAE.from_pretrained(release, sae_id, device=device)
+                cached = SAE.from_pretrained(release, sae_id, device=device)
         except Exception:  # not cached
             require_hub(f"SAE {release}:{sae_id}")
+        else:
+            check_sae_values(cached, f"{release}:{sae_id}")
+            return cached
     try:
         with _quiet_processing_hint():
-            return SAE.from_pretrained(release, sae_id, device=device)
+            sae = SAE.from_pretrained(release, sae_id, device=device)
     except Exception as error:  # hub clients raise many types; all mean "could not fetch"
         raise AquinError(
             f"cannot fetch SAE {release}:{sae_id} from the hub ({_first_line(error)}); "
             f"offline, use the embedded tiny-gpt2 or a local SAE directory"
         ) from None
+    check_sae_values(sae, f"{release}:{sae_id}")
+    return sae
 
 
 def check_sae_fits(sae: Any, d_model: int, n_layers: int, layer: int, model_label: str) -> None:
