@@ -30,9 +30,15 @@ typecheck: $(STAMP)
 
 # Browser tests drive Debian's chromium through Playwright (its own download
 # does not work offline); install it when it is missing.
+# JupyterLab's own HTML sanitizer (npm) checks how a card degrades in an untrusted notebook.
+JLAB_SANITIZER := tests/browser/.jupyterlab
 browser-deps:
 	command -v chromium >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	command -v npm >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	test -d $(JLAB_SANITIZER)/node_modules/@jupyterlab/apputils || \
+	  npm install --silent --no-audit --no-fund --prefix $(JLAB_SANITIZER) @jupyterlab/apputils@4.7.6
 
 test: lint typecheck browser-deps
 	$(PY) -m pytest -q -m "not slow"

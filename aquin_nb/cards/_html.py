@@ -237,11 +237,35 @@ def _section(section: dict[str, Any], labels: dict[str, str] | None = None) -> s
     return f'<div class="aquin-section"><h4>{_escape(section["title"])}</h4>{body}</div>'
 
 
+# Shown when a sanitizer removed the <style> (an untrusted notebook in JupyterLab, GitHub):
+# the card keeps its `hidden` attribute and the text stands in, as scikit-learn's repr does.
+_FALLBACK_CSS = (
+    ".aquin-static > .aquin-fallback { display: none; }"
+    ".aquin-static > .aquin-card[hidden] { display: block; }"
+)
+FALLBACK_NOTE = "(the card's text: trust the notebook, or run the cell again, to see the card)"
+
+
 def render_spec_html(spec: dict[str, Any]) -> str:
+    """The static card: self-contained HTML and inline SVG, every string escaped.
+
+    It degrades to readable text where the styles are stripped: the card itself
+    is ``hidden`` unless its stylesheet shows it, and a ``<pre>`` with the CLI's
+    text stands in for it.
+    """
+    from ._text import render_text
+
+    fallback = f"{render_text(spec)}\n\n{FALLBACK_NOTE}"
+    return (
+        f'<div class="aquin-static"><style>{_css()}{_FALLBACK_CSS}</style>'
+        f'<pre class="aquin-fallback">{_escape(fallback)}</pre>{_card_html(spec)}</div>'
+    )
+
+
+def _card_html(spec: dict[str, Any]) -> str:
     kind = spec["kind"].replace("_", " ")
     parts = [
-        f"<style>{_css()}</style>",
-        f'<div class="aquin-card" data-kind="{_escape(spec["kind"])}">',
+        f'<div class="aquin-card" data-kind="{_escape(spec["kind"])}" hidden="hidden">',
         f'<h3><span class="aquin-kind">{_escape(kind)}</span>{_escape(spec["title"])}</h3>',
         _headline(spec),
         _chips(spec),
@@ -258,7 +282,7 @@ def render_spec_html(spec: dict[str, Any]) -> str:
         )
         parts.append(f"<style>.aquin-tv {{ display: none; }}{rules}</style>")
         parts.extend(
-            f'<input type="radio" name="aquin-tv-{uid}" id="{target}" class="aquin-radio" hidden>'
+            f'<input type="radio" name="aquin-tv-{uid}" id="{target}" class="aquin-radio" hidden="hidden">'
             for target in labels.values()
         )
     parts.extend(_section(section, labels) for section in spec["sections"])

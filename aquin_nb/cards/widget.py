@@ -18,7 +18,7 @@ from typing import Any
 import anywidget
 import traitlets
 
-from ._html import live_spec, widget_source
+from ._html import live_spec, render_spec_html, widget_source
 from ._specs import card_spec
 
 
@@ -40,6 +40,20 @@ class CardWidget(anywidget.AnyWidget):  # type: ignore[misc]
     @classmethod
     def for_result(cls, result: Any) -> CardWidget:
         return cls(result=result, spec=live_spec(card_spec(result)))
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        """The live view, with the static card and the result's repr as its fallback.
+
+        A saved notebook opened without the widget state (untrusted, nbviewer,
+        GitHub) shows the static card instead of ``<CardWidget object at 0x…>``.
+        """
+        bundle = super()._repr_mimebundle_(**kwargs)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        if isinstance(data, dict):
+            data["text/html"] = render_spec_html(self.spec)
+            if self._result is not None:
+                data["text/plain"] = repr(self._result)
+        return bundle
 
     @traitlets.observe("selected")
     def _on_selected(self, change: dict[str, Any]) -> None:

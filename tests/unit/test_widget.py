@@ -43,3 +43,12 @@ def test_selecting_the_planted_feature_fills_its_token_view(planted_pt, planted_
     assert max(first["checkpoint"]) > max(first["base"])  # the plant makes it fire
     widget.selected = -1
     assert widget.token_view == {}
+
+
+def test_the_widget_leaves_the_static_card_and_the_results_repr_as_its_fallback():
+    diff = small_diff()
+    bundle = diff.widget()._repr_mimebundle_()
+    data = bundle[0] if isinstance(bundle, tuple) else bundle
+    assert "application/vnd.jupyter.widget-view+json" in data
+    assert 'data-kind="sae_diff"' in data["text/html"] and "aquin-fallback" in data["text/html"]
+    assert data["text/plain"] == repr(diff) and "CardWidget object" not in data["text/plain"]
