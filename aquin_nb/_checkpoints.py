@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import pickletools
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -106,7 +107,11 @@ def _read_safetensors(path: Path, max_bytes: int | None = None) -> dict[str, tor
 def _torch_load(path: Path, max_bytes: int | None = None) -> Any:
     _check_archive(path, max_bytes)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's notes on old or odd files; what matters is reported as an AquinError.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for unreadable bytes
         unsafe = _unsafe_import(path)
         if unsafe is not None:

@@ -3,7 +3,7 @@
 Output: a failure never leaves half a file behind, the file gets the mode a
 plain ``open(path, "w")`` would give it (``0o666 & ~umask``, or the mode of the
 file it replaces), and temp files that a killed writer left behind are removed
-on a later write to the same directory.
+on a later write to the same directory (swept at most every ten minutes).
 """
 
 from __future__ import annotations
@@ -31,8 +31,14 @@ STALE_TEMP_SECONDS = 3600.0
 # keeps a writer on another host (same PID space unknown) from losing its file.
 DEAD_WRITER_GRACE_SECONDS = 60.0
 
+# A directory is swept at most this often per process, so writing many files
+# into one directory (activation shards) stays linear.
+SWEEP_INTERVAL_SECONDS = 600.0
+
 _umask_lock = threading.Lock()
 _cached_umask: int | None = None
+_sweep_lock = threading.Lock()
+_last_sweep: dict[str, float] = {}
 
 
 def current_umask() -> int:
@@ -134,6 +140,18 @@ def _temp_beside(path: Path) -> Iterator[tuple[IO[bytes], Path]]:
         handle.close()
         temp_path.unlink(missing_ok=True)
         raise
+    _sweep(directory)
+
+
+def _sweep(directory: Path) -> None:
+    """`remove_stale_temp_files`, at most once per `SWEEP_INTERVAL_SECONDS` per directory."""
+    key = os.path.abspath(directory)
+    now = time.monotonic()
+    with _sweep_lock:
+        last = _last_sweep.get(key)
+        if last is not None and now - last < SWEEP_INTERVAL_SECONDS:
+            return
+        _last_sweep[key] = now
     remove_stale_temp_files(directory)
 
 

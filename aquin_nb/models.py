@@ -213,6 +213,8 @@ def _read_adapter_weights(path: Path, max_bytes: int) -> tuple[Path, dict[str, t
     else:
         state = _unwrap_payload(_torch_load(weights_path, max_bytes), weights_path)[0]
     check_plain_tensors(state, f"PEFT adapter {weights_path}")
+    for key, tensor in state.items():  # before PEFT touches the model; dtype range comes later
+        check_tensor_values(key, tensor, f"PEFT adapter {weights_path}")
     return weights_path, state
 
 

@@ -529,6 +529,18 @@ def test_temp_file_of_a_writer_killed_mid_write_is_removed_on_the_next_write(tmp
     assert list(tmp_path.glob(".*.tmp")) == []
 
 
+def test_a_directory_is_swept_once_per_interval_not_on_every_write(tmp_path):
+    from aquin_nb._io import atomic_write_json
+
+    atomic_write_json(tmp_path / "shard_0.json", [0])
+    stale = tmp_path / ".shard_1.json.999999999.abc123.tmp"
+    stale.write_text("x")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    atomic_write_json(tmp_path / "shard_2.json", [2])
+    assert stale.exists()  # the sweep ran with the first write; the next comes later
+
+
 def test_only_stale_temp_files_of_our_own_pattern_are_removed(tmp_path):
     from aquin_nb._io import remove_stale_temp_files
 
