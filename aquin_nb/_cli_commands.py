@@ -7,7 +7,6 @@ spec (`aquin_nb.cards.render_text`), and every line goes through `say`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,21 +43,17 @@ def _split_legacy_output(
 
 def _check_outputs(args: argparse.Namespace, *inputs: Any) -> None:
     """Refuse, before any work, outputs that would lose something: a directory named as
-    the result JSON, or an output that is one of the inputs."""
-    sources = [Path(str(p)).expanduser() for p in inputs if isinstance(p, (str, Path))]
+    a file, or an output that is one of the inputs."""
+    from ._io import check_not_same_file
+
+    sources = [p for p in inputs if isinstance(p, (str, Path))]
     for flag in ("output", "html", "checkpoint_out"):
         value = getattr(args, flag, None)
-        if not value:
-            continue
-        target = Path(value).expanduser()
-        name = "--" + flag.replace("_", "-")
-        if target.is_dir():
-            raise AquinError(f"{name} {value} is a directory; give a file path")
-        for source in sources:
-            if source.exists() and target.exists() and os.path.samefile(source, target):
-                raise AquinError(f"{name} {value} is the input {source}; refusing to overwrite it")
-            if target.resolve() == source.resolve():
-                raise AquinError(f"{name} {value} is the input {source}; refusing to overwrite it")
+        if value:
+            try:
+                check_not_same_file(value, *sources)
+            except AquinError as error:
+                raise AquinError(f"--{flag.replace('_', '-')}: {error}") from None
 
 
 def _show(args: argparse.Namespace, result: Any) -> None:

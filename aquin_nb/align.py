@@ -21,6 +21,7 @@ import torch
 from . import __version__
 from ._assignment import Assignment, dense_assignment, sparse_assignment
 from ._errors import AquinError
+from ._quiet import quiet_unless_progress
 from ._verbs import verb
 from .results import PAIR_COLUMNS, UNMATCHED_COLUMNS, SaeAlign
 from .saes import load_sae
@@ -157,6 +158,7 @@ def _histogram(cosine: np.ndarray, bins: int = 20) -> dict[str, Any]:
 
 
 @verb("sae_align")
+@quiet_unless_progress
 def sae_align(
     sae_a: Any,
     sae_b: Any,

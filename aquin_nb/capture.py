@@ -30,6 +30,7 @@ from ._activations import (
 )
 from ._errors import AquinError
 from ._io import atomic_torch_save, atomic_write_json
+from ._quiet import quiet_unless_progress
 from ._verbs import verb
 from .catalog import find_entry
 from .probes import load_prompts
@@ -123,6 +124,7 @@ def shipped_probe_sample(count: int, seed: int = 0) -> list[str]:
 
 @torch.no_grad()
 @verb("capture_activations")
+@quiet_unless_progress
 def capture_activations(
     model: str | Path,
     checkpoint: str | Path | None = None,

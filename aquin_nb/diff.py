@@ -27,6 +27,7 @@ from ._activations import (
     tokenize_prompts,
 )
 from ._errors import AquinError
+from ._quiet import quiet_unless_progress
 from ._stats import FitStats, PairedFeatureStats
 from ._tokenview import LiveDiff
 from ._verbs import verb
@@ -84,6 +85,7 @@ def _load_checkpoint(
 
 
 @verb("sae_diff")
+@quiet_unless_progress
 def sae_diff(
     model: Any,
     checkpoint: Any,

@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._errors import AquinError
+from ._quiet import quiet_unless_progress
 from ._rows import batches_of, encode_rows, read_training_rows
 from ._verbs import verb
 from .results import Simulation
@@ -158,6 +159,7 @@ def gradient_and_curvature(
 
 
 @verb("simulate")
+@quiet_unless_progress
 def simulate(
     model: str | Path,
     data: Any,

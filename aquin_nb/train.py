@@ -15,8 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ import torch
 from . import __version__
 from ._errors import AquinError
 from ._io import atomic_torch_save
+from ._quiet import quiet_unless_progress
 from ._train_data import Batches, collect_from_capture, collect_from_model
 from ._verbs import verb
 from .capture import default_numerics
@@ -111,6 +115,7 @@ def _metrics(sae: Any, activations: torch.Tensor) -> dict[str, float]:
 
 
 @verb("sae_train")
+@quiet_unless_progress
 def sae_train(
     model: str | Path,
     layer: int,
@@ -265,7 +270,8 @@ def sae_train(
     )
     interrupted = False
     try:
-        trained = trainer.fit()
+        with _trainer_bar(progress):
+            trained = trainer.fit()
     except KeyboardInterrupt:
         interrupted = True
         logger.warning(
@@ -352,6 +358,24 @@ def _save(sae: Any, out_dir: Path, layer: int) -> tuple[Path, Path]:
     return path, saelens_dir
 
 
+@contextlib.contextmanager
+def _trainer_bar(progress: bool) -> Iterator[None]:
+    """SAELens's "Training SAE" bar, named ours and hidden with ``progress=False``.
+
+    SAELens builds the bar inside ``fit`` from its module's ``tqdm``; the bar is
+    swapped for the duration of the call only.
+    """
+    from sae_lens.training import sae_trainer
+    from tqdm.auto import tqdm
+
+    original = sae_trainer.tqdm
+    sae_trainer.tqdm = functools.partial(tqdm, disable=not progress, unit="act")
+    try:
+        yield
+    finally:
+        sae_trainer.tqdm = original
+
+
 def _recording_trainer_class() -> type:
     from sae_lens import SAETrainer
 
@@ -373,5 +397,12 @@ def _recording_trainer_class() -> type:
                 )
             )
             return output
+
+        def _update_pbar(self, step_output: Any, pbar: Any, update_interval: int = 100) -> None:
+            # SAELens moves its bar every 100 steps, so a short run sat at 0: move it every step.
+            pbar.update(self.cfg.train_batch_size_samples)
+            if self.n_training_steps % 10 == 0 or self.n_training_steps == 1:
+                pbar.set_description(f"sae train step {self.n_training_steps}")
+                pbar.set_postfix(loss=f"{step_output.loss.item():.4g}", refresh=False)
 
     return RecordingTrainer

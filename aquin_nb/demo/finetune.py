@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .._quiet import quiet_unless_progress
 from .._rows import batches_of, encode_rows, read_training_rows
 from ..catalog import EMBEDDED_DIR
 from ..run import Run
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 FINETUNE_DATA = EMBEDDED_DIR / "finetune.jsonl"
 
 
+@quiet_unless_progress
 def finetune_lora(
     model: str | Path = "tiny-gpt2",
     data: str | Path = FINETUNE_DATA,
@@ -78,6 +80,8 @@ def finetune_lora(
         bar.set_postfix(loss=f"{loss.item():.3f}")
     peft_model.eval()
     merged = peft_model.merge_and_unload()
-    path = Run(run_dir).checkpoint(merged, step=steps)
+    run = Run(run_dir)
+    run.checkpoint(merged, step=steps)
+    path = run.checkpoint_dir / "checkpoint.pt"
     logger.info("LoRA fine-tune done: final loss %.3f, checkpoint %s", loss.item(), path)
     return path

@@ -38,3 +38,15 @@ def test_switching_to_a_real_model_is_explained(run_notebook):
         notebook = run_notebook(name)
         text = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
         assert "gpt2-small" in text and "pythia-70m-deduped" in text
+
+
+def test_notebook_03_names_each_steps_checkpoint(run_notebook):
+    notebook = run_notebook("03_from_your_own_finetune")
+    printed = "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "stream"
+    )
+    assert "step_30.pt" in printed and "step_60.pt" in printed

@@ -103,14 +103,14 @@ def test_output_naming_a_directory_or_the_input_is_refused_before_any_work(
 ):
     code, _, err = run_cli(capsys, *ALIGN, "--output", tmp_path)
     assert code == 2 and err.count("\n") == 1
-    assert f"--output {tmp_path} is a directory" in err
+    assert f"--output: output {tmp_path} is a directory" in err
     target = tmp_path / "ckpt.pt"
     target.write_bytes(copy_pt.read_bytes())
     before = target.read_bytes()
     code, _, err = run_cli(
         capsys, "sae", "diff", "--model", "tiny-gpt2", "--checkpoint", target, "--output", target
     )
-    assert code == 2 and err.count("\n") == 1 and "refusing to overwrite it" in err
+    assert code == 2 and err.count("\n") == 1 and "writing it would replace the input" in err
     assert target.read_bytes() == before
 
 
