@@ -105,6 +105,8 @@ def encode_prefixes(tokenizer: Any, prompts: Sequence[str], max_length: int) -> 
     or ``max_length * MAX_CHARS_PER_TOKEN`` characters. Within that bound the
     first ``max_length`` ids equal those of the uncut prompt.
     """
+    if not prompts:
+        return []  # Hugging Face tokenizers fail on an empty batch
     wanted = max_length + _CUT_MARGIN_TOKENS
     limit = max(1, max_length) * CHARS_PER_TOKEN
     ceiling = max(1, max_length) * MAX_CHARS_PER_TOKEN

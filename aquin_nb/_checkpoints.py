@@ -11,7 +11,8 @@ What is refused before any tensor reaches the model:
 * a zip whose members declare more bytes than `checkpoint_byte_limit` allows
   for the model, or more than `MAX_INFLATION` times the file's size (a zip
   bomb: ``torch.save`` never compresses), checked before anything is inflated;
-* a pickle that imports anything outside torch's weights-only allow-list, named;
+* a pickle that imports anything outside torch's weights-only allow-list, named
+  by `aquin_nb._pickle_scan`;
 * sparse, quantized, nested, ``meta`` and subclassed tensors (only dense
   tensors with data are read);
 * NaN or inf, and finite values beyond `MAX_ABS_VALUE` or the model dtype's range.
@@ -20,16 +21,16 @@ What is refused before any tensor reaches the model:
 from __future__ import annotations
 
 import math
-import pickletools
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._errors import AquinError
+from ._pickle_scan import unsafe_import
 
 # Prefixes that trainers and wrappers put in front of Hugging Face names.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "base_model.model.", "model.")
@@ -74,7 +75,7 @@ def read_checkpoint(
 
     Accepts a ``{step, state_dict}`` ``.pt``, a bare state dict, a ``.safetensors``
     file and a Hugging Face ``save_pretrained`` directory. (PEFT adapter
-    directories are merged by `aquin_nb.models.load_model` instead.) With
+    directories are read and merged by `aquin_nb._adapters` instead.) With
     ``max_bytes`` (see `checkpoint_byte_limit`), larger files are refused unread.
     """
     path = Path(path)
@@ -113,7 +114,7 @@ def _torch_load(path: Path, max_bytes: int | None = None) -> Any:
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for unreadable bytes
-        unsafe = _unsafe_import(path)
+        unsafe = unsafe_import(path)
         if unsafe is not None:
             raise AquinError(
                 f"refused to load checkpoint {path}: it would import {unsafe}, and aquin_nb "
@@ -166,134 +167,6 @@ def _size(count: int) -> str:
             return f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
-
-
-# The globals torch's weights-only unpickler accepts (torch 2.x,
-# torch/_weights_only_unpickler.py). Anything else in a checkpoint's pickle is
-# named as unsafe; tests keep this list in step with the installed torch.
-_SAFE_GLOBALS = frozenset(
-    {
-        "_codecs.encode",
-        "builtins.bytearray",
-        "builtins.complex",
-        "builtins.set",
-        "builtins.frozenset",
-        "collections.Counter",
-        "collections.OrderedDict",
-        "torch.Size",
-        "torch.Tensor",
-        "torch.device",
-        "torch.nn.parameter.Parameter",
-        "torch.serialization._get_layout",
-        "torch.storage.TypedStorage",
-        "torch.storage.UntypedStorage",
-        "torch._tensor._rebuild_from_type_v2",
-        "torch._utils._rebuild_device_tensor_from_cpu_tensor",
-        "torch._utils._rebuild_device_tensor_from_numpy",
-        "torch._utils._rebuild_meta_tensor_no_storage",
-        "torch._utils._rebuild_nested_tensor",
-        "torch._utils._rebuild_parameter",
-        "torch._utils._rebuild_parameter_with_state",
-        "torch._utils._rebuild_qtensor",
-        "torch._utils._rebuild_sparse_tensor",
-        "torch._utils._rebuild_tensor",
-        "torch._utils._rebuild_tensor_v2",
-        "torch._utils._rebuild_tensor_v3",
-        "torch._utils._rebuild_wrapper_subclass",
-    }
-)
-# Legacy typed storage and tensor classes: torch.FloatStorage, torch.cuda.HalfTensor, ...
-_LEGACY_ELEMENT_TYPES = (
-    "BFloat16",
-    "Bool",
-    "Byte",
-    "Char",
-    "ComplexDouble",
-    "ComplexFloat",
-    "Double",
-    "Float",
-    "Half",
-    "Int",
-    "Long",
-    "Short",
-    "QInt32",
-    "QInt8",
-    "QUInt2x4",
-    "QUInt4x2",
-    "QUInt8",
-)
-_SAFE_LEGACY_TYPES = frozenset(
-    f"torch.{namespace}{element}{kind}"
-    for namespace in ("", "cuda.", "sparse.", "cuda.sparse.")
-    for element in _LEGACY_ELEMENT_TYPES
-    for kind in ("Storage", "Tensor")
-)
-
-
-def is_safe_global(name: str) -> bool:
-    """Whether torch's weights-only unpickler would accept the global ``module.name``."""
-    if name in _SAFE_GLOBALS or name in _SAFE_LEGACY_TYPES:
-        return True
-    module, _, attribute = name.rpartition(".")
-    # Dtypes (torch.float32) and quantization schemes (torch.per_tensor_affine) are data.
-    return module == "torch" and isinstance(
-        vars(torch).get(attribute), (torch.dtype, torch.qscheme)
-    )
-
-
-def _unsafe_import(path: Path) -> str | None:
-    """The first global a pickle (plain or inside torch's zip) asks for outside the allow-list.
-
-    Reads opcodes with pickletools, which never executes anything.
-    """
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                names = [name for name in archive.namelist() if name.endswith(".pkl")]
-                streams = [archive.read(name) for name in names]
-        else:
-            streams = [path.read_bytes()]
-    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
-        return None
-    for data in streams:
-        try:
-            for name in _pickle_globals(data):
-                if not is_safe_global(name):
-                    return name
-        except Exception:  # a truncated or garbled opcode stream: corrupt, not malicious
-            continue
-    return None
-
-
-def _pickle_globals(data: bytes) -> Iterator[str]:
-    """``module.name`` of every global a pickle imports, following strings through the memo."""
-    strings: list[str] = []
-    memo: dict[int, str] = {}
-    memo_count = 0
-    top: str | None = None  # the string on top of the stack, if the last push was one
-    for opcode, argument, _ in pickletools.genops(data):
-        name = opcode.name
-        pushed: str | None = None
-        if name in ("GLOBAL", "INST") and isinstance(argument, str):
-            yield argument.replace(" ", ".")
-        elif name == "STACK_GLOBAL":
-            if len(strings) >= 2:
-                yield f"{strings[-2]}.{strings[-1]}"
-            else:
-                yield "<a global whose name the pickle hides>"
-        elif name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
-            index = argument if isinstance(argument, int) else memo_count
-            memo_count += 1
-            if top is not None:
-                memo[index] = top
-            continue  # storing in the memo leaves the stack (and its top) as it was
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
-            pushed = memo.get(argument) if isinstance(argument, int) else None
-        elif isinstance(argument, str) and ("UNICODE" in name or "STRING" in name):
-            pushed = argument
-        if pushed is not None:
-            strings.append(pushed)
-        top = pushed
 
 
 def _unwrap_payload(payload: Any, path: Path) -> tuple[dict[str, torch.Tensor], int | None]:

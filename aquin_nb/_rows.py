@@ -45,20 +45,34 @@ def read_training_rows(source: Any) -> list[dict[str, str]]:
 
 
 def encode_rows(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -> list[tuple]:
-    """Token ids and labels; instruction rows put the loss on response tokens only."""
+    """Token ids and labels; instruction rows put the loss on response tokens only.
+
+    Only a prefix of each text is tokenised (`aquin_nb._activations.encode_prefixes`),
+    so a 50 MB one-line row costs what its first ``max_length`` tokens cost.
+    """
+    from ._activations import encode_prefixes
     from .probes import format_row
 
+    # Text rows need their text; instruction rows the prompt alone (to know where
+    # the loss starts) and the whole row. One batched, cut tokenisation for all.
+    texts: list[str] = []
+    for row in rows:
+        if "text" in row:
+            texts.append(row["text"])
+        else:
+            texts.append(format_row(row["instruction"], "", tokenizer) + " ")
+            texts.append(format_row(row["instruction"], row["response"], tokenizer))
+    token_ids = iter(encode_prefixes(tokenizer, texts, max_length))
     encoded = []
     for row in rows:
         if "text" in row:
-            ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"][:max_length]
+            ids = next(token_ids)[:max_length]
             encoded.append((ids, list(ids)))
             continue
-        prompt = format_row(row["instruction"], "", tokenizer) + " "
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        full = format_row(row["instruction"], row["response"], tokenizer)
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = ids[:max_length]
+        # A cut prompt still holds more than max_length ids, so the labels below
+        # are those of the uncut prompt; so are the first max_length ids of the row.
+        prompt_ids = next(token_ids)
+        ids = (next(token_ids) + [tokenizer.eos_token_id])[:max_length]
         labels = [-100] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids) :]
         encoded.append((ids, labels))
     return encoded

@@ -273,7 +273,7 @@ def test_global_hidden_behind_the_memo_is_still_named(tmp_path):
 
 
 def test_allow_list_accepts_everything_torch_weights_only_accepts():
-    from aquin_nb._checkpoints import is_safe_global
+    from aquin_nb._pickle_scan import is_safe_global
 
     allowed = pytest.importorskip("torch._weights_only_unpickler")._get_allowed_globals()
     assert [name for name in allowed if not is_safe_global(name)] == []
@@ -288,7 +288,7 @@ def test_allow_list_accepts_everything_torch_weights_only_accepts():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_ordinary_checkpoints_import_only_allowed_globals(tmp_path):
-    from aquin_nb._checkpoints import _unsafe_import
+    from aquin_nb._pickle_scan import unsafe_import
 
     path = tmp_path / "ok.pt"
     torch.save(
@@ -303,7 +303,7 @@ def test_ordinary_checkpoints_import_only_allowed_globals(tmp_path):
         },
         path,
     )
-    assert _unsafe_import(path) is None
+    assert unsafe_import(path) is None
 
 
 # --- TransformerBridge state dicts -------------------------------------------------

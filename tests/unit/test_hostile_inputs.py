@@ -29,19 +29,22 @@ LORA_A = "base_model.model.transformer.h.1.attn.c_attn.lora_A.weight"
 LORA_B = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
 
 
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory, tiny_hf):
-    """A saved LoRA adapter on c_attn (random A and B) and the model PEFT merges from it."""
+def save_adapter(model, directory: Path) -> dict[str, torch.Tensor]:
+    """Save a LoRA adapter on c_attn (random A and B) for ``model``; the state PEFT merges."""
     from peft import LoraConfig, get_peft_model
 
-    model, _ = tiny_hf
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False)
     with pytest.warns(UserWarning, match="fan_in_fan_out"):
         peft_model = get_peft_model(copy.deepcopy(model), config)
-    directory = tmp_path_factory.mktemp("adapter") / "lora"
     peft_model.save_pretrained(directory)
-    merged = peft_model.merge_and_unload().state_dict()
-    return directory, merged
+    return peft_model.merge_and_unload().state_dict()
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_hf):
+    """A saved LoRA adapter (see `save_adapter`) and the model PEFT merges from it."""
+    directory = tmp_path_factory.mktemp("adapter") / "lora"
+    return directory, save_adapter(tiny_hf[0], directory)
 
 
 def _variant(tmp_path: Path, adapter_dir: Path, config=None, config_text=None, tensors=None):
@@ -251,7 +254,7 @@ def test_adapter_whose_targets_are_not_in_the_model_is_refused(tmp_path, tiny_hf
 
 
 def test_regex_path_bound_known_answers():
-    from aquin_nb.models import regex_path_bound
+    from aquin_nb._adapters import regex_path_bound
 
     assert regex_path_bound("c_attn", 40) == 1
     assert regex_path_bound(r".*\.c_attn", 40) == 41
@@ -344,6 +347,58 @@ def test_a_cut_that_yields_too_few_tokens_grows_until_it_has_them():
     ids = encode_prefixes(_SparseTokenizer(), [text], max_length=64)
     assert len(ids[0]) >= 64
     assert ids[0][:64] == _SparseTokenizer()([text])["input_ids"][0][:64]
+
+
+def _encode_rows_whole(tokenizer, rows, max_length):
+    """encode_rows as it was before it cut texts: every text tokenised whole."""
+    from aquin_nb.probes import format_row
+
+    encoded = []
+    for row in rows:
+        if "text" in row:
+            ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"][:max_length]
+            encoded.append((ids, list(ids)))
+            continue
+        prompt = format_row(row["instruction"], "", tokenizer) + " "
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full = format_row(row["instruction"], row["response"], tokenizer)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = ids[:max_length]
+        labels = [-100] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids) :]
+        encoded.append((ids, labels))
+    return encoded
+
+
+def test_a_huge_one_line_training_row_is_cut_before_tokenising(tiny_hf):
+    from aquin_nb._activations import CHARS_PER_TOKEN
+    from aquin_nb._rows import encode_rows
+
+    tokenizer = _RecordingTokenizer(tiny_hf[1])
+    words = " ".join(f"word{index % 97}" for index in range(400_000))  # ~3 MB, one line
+    short = [
+        {"text": "a short row"},
+        {"instruction": "Add two numbers.", "response": "Use +."},
+    ]
+    huge = [
+        {"text": words},
+        {"instruction": words, "response": "ok"},  # the loss would start past the cut
+        {"instruction": "Repeat the words.", "response": words},
+        *short,
+    ]
+    encoded = encode_rows(tokenizer, huge, max_length=128)
+    assert tokenizer.longest == 128 * CHARS_PER_TOKEN
+    # The first 128 tokens of 20,000 characters are those of the whole 3 MB text.
+    prefix = [
+        {key: value[:20_000] if value is words else value for key, value in row.items()}
+        for row in huge
+    ]
+    assert encoded == _encode_rows_whole(tiny_hf[1], prefix, 128)
+    assert [len(ids) for ids, _ in encoded[:3]] == [128, 128, 128]
+    assert set(encoded[1][1]) == {-100}  # all instruction: no response token in reach
+    assert 0 < encoded[2][1].count(-100) < 128
+    # Rows shorter than the cut are encoded exactly as before, EOS included.
+    assert encode_rows(tiny_hf[1], short, 128) == _encode_rows_whole(tiny_hf[1], short, 128)
+    assert encode_rows(tiny_hf[1], short, 128)[1][0][-1] == tiny_hf[1].eos_token_id
 
 
 # --- SAEs --------------------------------------------------------------------------
