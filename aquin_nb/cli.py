@@ -291,11 +291,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if run is None:
         parser.print_help()
         return 0
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+    # aquin_nb's log lines go to stderr as `aquin-nb: warning: ...`, like its other warnings.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(
+            "%(levelname)s %(name)s: %(message)s"
+            if args.verbose
+            else "aquin-nb: warning: %(message)s"
+        )
     )
-    warnings.showwarning = _one_line_warning  # the CLI owns its process: one line each
+    package_logger = logging.getLogger("aquin_nb")
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    shown_before, warnings.showwarning = warnings.showwarning, _one_line_warning  # one line each
     session = None
     try:
         session = _connect_mirror(args)
@@ -309,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if session is not None:
             session.close(timeout=5.0)
+        package_logger.removeHandler(handler)
+        warnings.showwarning = shown_before
     return 0
 
 

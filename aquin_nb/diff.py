@@ -27,6 +27,7 @@ from ._activations import (
     tokenize_prompts,
 )
 from ._errors import AquinError
+from ._fit import FAST_PROMPTS, FIT_MODES, DownstreamStats, fit_verdict
 from ._quiet import quiet_unless_progress
 from ._stats import FitStats, PairedFeatureStats
 from ._tokenview import LiveDiff
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["DISPLAY_COLUMNS", "FEATURE_COLUMNS", "SaeDiff", "sae_diff"]
-
-FIT_DROP_WARNING = 0.1
 
 
 def _bridge_label(bridge: Any) -> str:
@@ -98,6 +97,7 @@ def sae_diff(
     fdr: float = 0.05,
     min_rel_delta: float = 0.1,
     min_abs_delta: float = 1e-3,
+    fit: str = "fast",
     device: str | None = None,
     progress: bool = True,
 ) -> SaeDiff:
@@ -113,6 +113,10 @@ def sae_diff(
         sae: anything `load_sae` takes, or an SAE object; defaults to the model's
             public SAE from the catalog.
         name: label for the checkpoint; defaults to its file stem.
+        fit: ``"fast"`` (default) measures the downstream fit (CE loss recovered,
+            KL with the reconstruction spliced in) on the first 8 prompts,
+            ``"full"`` on all of them, ``"off"`` not at all; see `aquin_nb._fit`
+            for the figures and the pass/warn/fail thresholds.
 
     A feature counts as **changed** when both hold:
 
@@ -131,6 +135,8 @@ def sae_diff(
         raise AquinError(f"fdr must be between 0 and 1, got {fdr}")
     if batch_size < 1:
         raise AquinError(f"batch_size must be at least 1, got {batch_size}")
+    if fit not in FIT_MODES:
+        raise AquinError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
     base = _load_base(model, device)
     model_label = (
         _bridge_label(base)
@@ -178,6 +184,8 @@ def sae_diff(
     d_sae = int(sae_obj.W_dec.shape[0])
     stats = PairedFeatureStats(d_sae)
     base_fit, checkpoint_fit = FitStats(d_model), FitStats(d_model)
+    downstream = {"base": DownstreamStats(), "checkpoint": DownstreamStats()}
+    n_downstream = {"fast": FAST_PROMPTS, "full": len(token_lists), "off": 0}[fit]
     batches = token_batches(token_lists, batch_size=batch_size, skip_first=numerics.prepend_bos)
     total = (len(token_lists) + batch_size - 1) // batch_size
     with torch.no_grad():
@@ -192,26 +200,37 @@ def sae_diff(
             base_fit.update(x_base, sae_obj.decode(f_base))
             checkpoint_fit.update(x_ckpt, sae_obj.decode(f_ckpt))
             stats.update(f_base, f_ckpt, row_of_token, len(batch.tokens))
+            rows = batch.prompt_index < n_downstream
+            if rows.any():
+                for side, bridge in (("base", base), ("checkpoint", ckpt)):
+                    downstream[side].update(
+                        bridge, sae_obj, numerics.hook_name, batch.tokens[rows], batch.mask[rows]
+                    )
 
     features = _feature_frame(stats, fdr, min_rel_delta, min_abs_delta)
-    fit: dict[str, Any] = {
+    sides = {
         "base": {
             "explained_variance": base_fit.explained_variance(),
             "l0": float(stats.base_fires.sum()) / stats.n_tokens,
+            **downstream["base"].figures(),
         },
         "checkpoint": {
             "explained_variance": checkpoint_fit.explained_variance(),
             "l0": float(stats.checkpoint_fires.sum()) / stats.n_tokens,
+            **downstream["checkpoint"].figures(),
         },
-        "warning": None,
     }
-    drop = fit["base"]["explained_variance"] - fit["checkpoint"]["explained_variance"]
-    if drop > FIT_DROP_WARNING:
-        fit["warning"] = (
-            f"the SAE explains {drop:.0%} less variance on the checkpoint than on the base "
-            f"model; the public dictionary may no longer fit (train a temporary SAE)"
-        )
-        logger.warning(fit["warning"])
+    verdict, reasons = fit_verdict(sides["base"], sides["checkpoint"])
+    fit_summary: dict[str, Any] = {
+        **sides,
+        "mode": fit,
+        "n_prompts_downstream": min(n_downstream, len(token_lists)),
+        "verdict": verdict,
+        "reasons": reasons,
+        "warning": _fit_warning(verdict, reasons, model_label, numerics.layer, checkpoint),
+    }
+    if fit_summary["warning"]:
+        logger.warning(fit_summary["warning"])
     abs_delta = features["abs_delta"].to_numpy()
     summary = {
         "n_features": d_sae,
@@ -225,7 +244,7 @@ def sae_diff(
         "model": model_label,
         "checkpoint": str(checkpoint) if isinstance(checkpoint, (str, Path)) else default_name,
         "name": name or default_name,
-        "fit": fit,
+        "fit": fit_summary,
         "criteria": {
             "test": "paired t-test across prompts, Benjamini-Hochberg",
             "fdr": fdr,
@@ -236,6 +255,23 @@ def sae_diff(
     }
     live = LiveDiff(base, ckpt, sae_obj, numerics.hook_name, token_lists, numerics.prepend_bos)
     return SaeDiff(summary=summary, features=features, live=live)
+
+
+def _fit_warning(
+    verdict: str, reasons: list[str], model: str, layer: int, checkpoint: Any
+) -> str | None:
+    """One line for a ``warn`` or ``fail`` verdict; a fail names the remedy."""
+    if verdict == "pass":
+        return None
+    why = "; ".join(reasons)
+    if verdict == "warn":
+        return f"the public dictionary may no longer fit: {why}"
+    where = f" --checkpoint {checkpoint}" if isinstance(checkpoint, (str, Path)) else ""
+    return (
+        f"the SAE does not fit, or no longer fits ({why}); its features are not trustworthy "
+        f"here: train a "
+        f"temporary SAE with `aquin-nb sae train --model {model} --layer {layer}{where}`"
+    )
 
 
 def _feature_frame(

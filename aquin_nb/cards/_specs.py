@@ -44,10 +44,24 @@ def _card(kind: str, title: str, headline: list[str], chips: list[dict[str, Any]
     }
 
 
+def _fit_chip(fit: dict[str, Any]) -> str:
+    """``pass · CE recovered 0.998 / 0.991`` (base / checkpoint) when it was measured."""
+    recovered = [fit[side].get("ce_loss_recovered") for side in ("base", "checkpoint")]
+    if any(value is None for value in recovered):
+        return str(fit["verdict"])
+    return f"{fit['verdict']} · CE recovered {recovered[0]:.3f} / {recovered[1]:.3f}"
+
+
 def sae_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
     s = diff.summary
     fit = s["fit"]
+    verdict = fit.get("verdict")
     chips = [
+        *(
+            [{"label": "fit", "value": _fit_chip(fit), "warn": verdict != "pass"}]
+            if verdict
+            else []
+        ),
         {"label": "model", "value": s["model"]},
         {"label": "checkpoint", "value": s["name"]},
         {"label": "hook", "value": s["hook"]},
