@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AquinError",
     "Capture",
+    "ModelDiff",
     "Run",
     "SaeAlign",
     "SaeDiff",
@@ -33,6 +34,7 @@ __all__ = [
     "disconnect",
     "load_model",
     "load_sae",
+    "model_diff",
     "sae_align",
     "sae_diff",
     "sae_train",
@@ -51,6 +53,8 @@ _LAZY = {
     "disconnect": "aquin_nb.mirror",
     "SaeAlign": "aquin_nb.results",
     "SaeDiff": "aquin_nb.results",
+    "ModelDiff": "aquin_nb.results",
+    "model_diff": "aquin_nb.modeldiff",
     "load_model": "aquin_nb.models",
     "load_sae": "aquin_nb.saes",
     "sae_align": "aquin_nb.align",
@@ -62,8 +66,9 @@ if TYPE_CHECKING:
     from .capture import capture_activations
     from .diff import sae_diff
     from .mirror import connect, disconnect
+    from .modeldiff import model_diff
     from .models import load_model
-    from .results import Capture, SaeAlign, SaeDiff, Simulation, TrainedSae
+    from .results import Capture, ModelDiff, SaeAlign, SaeDiff, Simulation, TrainedSae
     from .run import Run
     from .saes import load_sae
     from .simulate import simulate

@@ -113,6 +113,23 @@ def _cmd_sae_diff(args: argparse.Namespace) -> None:
     _show(args, diff)
 
 
+def _cmd_model_diff(args: argparse.Namespace) -> None:
+    _check_outputs(args, args.checkpoint, args.prompts)
+    _quiet_library_loaders()
+    from .modeldiff import model_diff
+
+    result = model_diff(
+        args.model,
+        args.checkpoint,
+        prompts=args.prompts,
+        name=args.name,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    _show(args, result)
+
+
 def _cmd_sae_align(args: argparse.Namespace) -> None:
     _check_outputs(args, args.sae_a, args.sae_b)
     from .align import sae_align

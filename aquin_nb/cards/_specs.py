@@ -286,12 +286,82 @@ def simulation_spec(simulation: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
     }
 
 
+def model_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
+    s = diff.summary
+    last = s["n_layers"] - 1
+    suggested = s["suggested_layer"]
+    headline = [
+        f"mean KL {s['mean_kl']:.4g} (max {s['max_kl']:.4g}) over {s['n_tokens']} tokens; "
+        f"{s['n_modules_changed']} of {s['n_modules']} tensors changed",
+        s["suggestion"],
+    ]
+    for layer in dict.fromkeys(x for x in (suggested, last) if x is not None):
+        tokens = diff.promoted_at(layer)
+        if tokens:
+            headline.append(f"layer {layer} pushes towards: {' · '.join(tokens[:6])}")
+    chips = [
+        {"label": "model", "value": s["model"]},
+        {"label": "checkpoint", "value": s["name"]},
+        {"label": "prompts", "value": s["n_prompts"]},
+        {"label": "tokens", "value": s["n_tokens"]},
+        {"label": "mean KL", "value": f"{s['mean_kl']:.4g}"},
+        {"label": "max KL", "value": f"{s['max_kl']:.4g}"},
+        {"label": "tensors changed", "value": f"{s['n_modules_changed']} / {s['n_modules']}"},
+        {"label": "look at layer", "value": "—" if suggested is None else suggested},
+    ]
+    layers = diff.layers
+    changed = diff.changed_modules().head(BAR_FEATURES)
+    bars = [
+        {"feature": index, "label": module[-32:], "delta": float(change)}
+        for index, (module, change) in enumerate(
+            zip(changed["module"], changed["abs_change"], strict=True)
+        )
+    ]
+    shown = last if suggested is None else suggested
+    promoted = diff.promoted[diff.promoted["layer"] == shown]
+    token_columns = ["context", "kl", "base_next", "checkpoint_next", "prompt"]
+    return _card(
+        "model_diff",
+        f"{s['model']} vs {s['name']}",
+        headline,
+        chips,
+        sections=[
+            {
+                "type": "line",
+                "title": "Drift of the residual stream after each block (‖Δx‖/‖x‖)",
+                "x": [int(x) for x in layers["layer"]],
+                "y": [float(y) for y in layers["rel_drift"]],
+                "x_label": "layer",
+            },
+            {
+                "type": "bars",
+                "title": "Most changed tensors (‖ΔW‖_F)",
+                "bars": bars,
+                "label_width": 220,
+            },
+            {
+                "type": "table",
+                "title": "Where the next-token distribution changed most (KL)",
+                "columns": token_columns,
+                "rows": _records(diff.tokens.head(rows), token_columns),
+            },
+            {
+                "type": "table",
+                "title": f"Logit lens of the mean activation difference at layer {shown}",
+                "columns": ["direction", "rank", "token", "cosine", "logit"],
+                "rows": _records(promoted, ["direction", "rank", "token", "cosine", "logit"]),
+            },
+        ],
+    )
+
+
 SPECS: dict[str, Callable[..., dict[str, Any]]] = {
     "sae_diff": sae_diff_spec,
     "sae_align": sae_align_spec,
     "sae_train": sae_train_spec,
     "capture": capture_spec,
     "simulation": simulation_spec,
+    "model_diff": model_diff_spec,
 }
 
 
