@@ -235,7 +235,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     result = run_demo(args.out, steps=args.steps, progress=not args.quiet)
     say(f"[demo] LoRA fine-tune of tiny-gpt2 on the cooking set: {result.checkpoint}")
-    for shown in (result.diff, result.trained, result.align):
+    for shown in (result.signals, result.diff, result.trained, result.align):
         say()
         say(render_text(card_spec(shown, rows=args.top)))
     say()

@@ -154,7 +154,13 @@ def _stable_rank(delta: torch.Tensor, iterations: int = 30) -> float:
 def _module_rows(base: Any, checkpoint: Any) -> list[dict[str, Any]]:
     from .models import hf_state_dict
 
-    base_state, ckpt_state = hf_state_dict(base), hf_state_dict(checkpoint)
+    base_state = hf_state_dict(base)  # the plain HF names, once
+    if getattr(checkpoint, "compatibility_mode", False):
+        hf_state_dict(checkpoint)  # raises the clear error for processed weights
+    ckpt_state = {
+        key.replace("._original_component", ""): value
+        for key, value in checkpoint.original_model.state_dict().items()
+    }
     rows = []
     for name, weight in base_state.items():
         other = ckpt_state.get(name)
@@ -247,26 +253,27 @@ def model_diff(
             base_logits, base_acts = _residuals_and_logits(base, batch.tokens, n_layers)
             ckpt_logits, ckpt_acts = _residuals_and_logits(ckpt, batch.tokens, n_layers)
             mask = batch.mask.to(base_logits.device)
-            base_log = base_logits.double().log_softmax(-1)
-            ckpt_log = ckpt_logits.double().log_softmax(-1).to(base_log.device)
-            kl = (base_log.exp() * (base_log - ckpt_log)).sum(-1).clamp_min(0.0)
+            base_log = base_logits.float().log_softmax(-1)
+            ckpt_log = ckpt_logits.float().log_softmax(-1).to(base_log.device)
+            kl = (base_log.exp() * (base_log - ckpt_log)).sum(-1).clamp_min(0.0).double()
             for row, prompt in enumerate(batch.prompt_index.tolist()):
                 values = kl[row][mask[row]]
                 kl_sum[prompt], kl_count[prompt] = float(values.sum()), len(values)
-                kl_max[prompt] = float(values.max())
+                kl_max[prompt] = float(values.max())  # a handful of prompts per batch
             guesses = (base_log.argmax(-1), ckpt_log.argmax(-1))
             top.offer(kl.cpu(), batch.prompt_index, mask.cpu(), [g.cpu() for g in guesses])
             n_tokens += int(mask.sum())
             for layer, (x_base, x_ckpt) in enumerate(zip(base_acts, ckpt_acts, strict=True)):
-                x_base, x_ckpt = x_base[mask].double(), x_ckpt.to(x_base.device)[mask].double()
+                x_base, x_ckpt = x_base[mask].float(), x_ckpt.to(x_base.device)[mask].float()
                 difference = x_ckpt - x_base
+                base_norm = x_base.norm(dim=-1)
                 drift[layer] += float(
-                    (difference.norm(dim=-1) / x_base.norm(dim=-1).clamp_min(1e-12)).sum()
+                    (difference.norm(dim=-1) / base_norm.clamp_min(1e-12)).double().sum()
                 )
                 cosine[layer] += float(
-                    torch.nn.functional.cosine_similarity(x_base, x_ckpt, dim=-1).sum()
+                    torch.nn.functional.cosine_similarity(x_base, x_ckpt, dim=-1).double().sum()
                 )
-                shift[layer] += difference.sum(0).cpu()
+                shift[layer] += difference.double().sum(0).cpu()
 
     layers = pd.DataFrame(
         {"layer": np.arange(n_layers), "rel_drift": drift / n_tokens, "cosine": cosine / n_tokens}

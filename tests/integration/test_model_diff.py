@@ -125,3 +125,14 @@ def test_the_cli_writes_json_and_refuses_another_architecture(capsys, tmp_path, 
                  "-q", "--output", str(refused)])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "neox.pt" in err and not refused.exists()
+
+
+def test_an_adapter_of_another_base_is_refused(tmp_path, base_bridge):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    other = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_embd=64, n_layer=4, n_head=4))
+    adapter = get_peft_model(other, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    adapter.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(AquinError, match=r"has shape \(2, 64\) in PEFT adapter"):
+        model_diff(base_bridge, tmp_path / "adapter", progress=False)
