@@ -107,6 +107,7 @@ def _cmd_sae_diff(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         fdr=args.fdr,
         min_rel_delta=args.min_rel_delta,
+        fit=args.fit,
         device=args.device,
         progress=not args.quiet,
     )

@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="minimum |Δ| relative to max(base, checkpoint) for 'changed'",
     )
+    diff.add_argument(
+        "--fit",
+        choices=["fast", "full", "off"],
+        default="fast",
+        help="downstream fit (CE loss recovered) on the first 8 prompts, all, or none",
+    )
     diff.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
 
     train = _verb_parser(
