@@ -254,10 +254,17 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(db, token=args.token)
     host, port = sock.getsockname()[:2]
     origin = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    state = "generated now and stored" if app.state.token_generated else "stored"
+    from urllib.parse import quote
+
+    token_file = getattr(app.state, "token_file", None)
+    if token_file is None:
+        where = "given with --token"
+    else:
+        made = "generated now and kept" if app.state.token_generated else "kept"
+        where = f"{made} in {token_file}; the database holds only its hash"
     say(f"[serve] aquin_nb mirror on {origin}, sessions in {db}")
-    say(f"[serve] token ({state} in the database): {app.state.token}")
-    say(f"[serve] open {origin}/?token={app.state.token}")
+    say(f"[serve] token ({where}): {app.state.token}")
+    say(f"[serve] open {origin}/?token={quote(app.state.token, safe='')}")
     say(
         f"[serve] clients: AQUIN_NB_URL={origin} AQUIN_NB_TOKEN={app.state.token} AQUIN_NB_SESSION=NAME"
     )

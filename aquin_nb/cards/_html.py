@@ -232,7 +232,14 @@ def live_spec(spec: dict[str, Any]) -> dict[str, Any]:
             continue
         try:
             section["svg"] = _SVG[section["type"]](section)
-        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as problem:
+        except (
+            KeyError,
+            TypeError,
+            ValueError,
+            IndexError,
+            ZeroDivisionError,
+            OverflowError,
+        ) as problem:
             section["error"] = f"cannot draw this chart: {type(problem).__name__}"
     return spec
 
