@@ -9,7 +9,9 @@ One forward pass per model over the probes gives four signals that need no SAE:
   to its norm, and the cosine between base and checkpoint activations;
 * **promoted tokens**: per layer, the logit lens of the mean activation
   difference (the activation-difference lens of Minder et al. 2025): the tokens
-  the fine-tune pushes the residual stream towards, and away from;
+  the fine-tune pushes the residual stream towards, and away from (see
+  `aquin_nb._lens` for how the final norm is handled and why tokens are ranked
+  by cosine);
 * **weight diff**: per parameter tensor, ‖ΔW‖_F / ‖W‖_F and, for matrices, the
   stable rank of ΔW (‖ΔW‖_F² / σ_max², about r for a rank-r LoRA).
 
@@ -40,6 +42,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from ._activations import token_batches, tokenize_prompts
 from ._errors import AquinError
+from ._lens import logit_lens
 from ._quiet import quiet_unless_progress
 from ._verbs import verb
 from .diff import _bridge_label, _load_base, _load_checkpoint
@@ -108,33 +111,6 @@ def _residuals_and_logits(bridge: Any, tokens: torch.Tensor, n_layers: int):
         tokens.to(device), names_filter=names, return_cache_object=False
     )
     return logits, [cache[name] for name in names]
-
-
-@torch.no_grad()
-def _logit_lens(
-    bridge: Any, direction: torch.Tensor, k: int
-) -> tuple[list[int], list[int], Any, Any]:
-    """The ``k`` tokens ``direction`` points towards and away from, read through the
-    final norm and the unembedding; returns their ids, the cosines and the logits.
-
-    The final norm's bias (a constant vector) would shift every token's logit by a
-    direction-independent amount, so the norm of zero is subtracted: what is left
-    is the normalised, scaled direction for LayerNorm and RMSNorm alike. Tokens are
-    ranked by the cosine between that direction and their unembedding row, not
-    by the raw logit: unembedding rows differ in norm (0.47 to 1.61 on tiny-gpt2),
-    and a raw ranking puts the same high-norm tokens on top of every shift. Planted
-    unembedding rows come back first for 100% of tiny-gpt2's tokens by cosine,
-    and for 41% by raw logit.
-    """
-    hf = bridge.original_model
-    norm = bridge.ln_final
-    x = direction.to(next(hf.parameters()).dtype)[None, None, :]
-    normed = (norm(x) - norm(torch.zeros_like(x)))[0, 0]
-    unembed = hf.get_output_embeddings().weight
-    logits = unembed @ normed
-    cosine = logits / (unembed.norm(dim=-1) * normed.norm()).clamp_min(1e-12)
-    up, down = cosine.topk(k).indices.tolist(), (-cosine).topk(k).indices.tolist()
-    return up, down, cosine, logits
 
 
 def _stable_rank(delta: torch.Tensor, iterations: int = 30) -> float:
@@ -319,24 +295,30 @@ def model_diff(
 
 
 def _promoted(bridge: Any, mean_shift: torch.Tensor) -> pd.DataFrame:
+    """The logit lens (`aquin_nb._lens`) of each layer's mean activation difference."""
+    moved = [layer for layer, direction in enumerate(mean_shift) if bool(direction.abs().sum())]
     rows = []
-    for layer, direction in enumerate(mean_shift):
-        if not bool(direction.abs().sum()):
-            continue  # nothing moved: no direction to read
-        up, down, cosine, logits = _logit_lens(bridge, direction, PROMOTED_TOKENS)
-        for kind, ids in (("promoted", up), ("suppressed", down)):
-            for rank, token in enumerate(ids, start=1):
-                rows.append(
-                    {
-                        "layer": layer,
-                        "direction": kind,
-                        "rank": rank,
-                        "token": bridge.tokenizer.decode([token]),
-                        "token_id": token,
-                        "cosine": float(cosine[token]),
-                        "logit": float(logits[token]),
-                    }
-                )
+    if moved:
+        lens = logit_lens(bridge, mean_shift[moved], PROMOTED_TOKENS)
+        for index, layer in enumerate(moved):
+            for kind, side in (("promoted", "top"), ("suppressed", "bottom")):
+                ids = getattr(lens, side)[index].tolist()
+                cosines = getattr(lens, f"{side}_cosine")[index].tolist()
+                logits = getattr(lens, f"{side}_logit")[index].tolist()
+                for rank, (token, cosine, logit) in enumerate(
+                    zip(ids, cosines, logits, strict=True)
+                ):
+                    rows.append(
+                        {
+                            "layer": layer,
+                            "direction": kind,
+                            "rank": rank + 1,
+                            "token": bridge.tokenizer.decode([token]),
+                            "token_id": token,
+                            "cosine": cosine,
+                            "logit": logit,
+                        }
+                    )
     return pd.DataFrame(rows, columns=list(PROMOTED_COLUMNS))
 
 

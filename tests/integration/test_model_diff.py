@@ -21,7 +21,7 @@ def base_bridge():
 def test_a_copy_changes_nothing(base_bridge, copy_pt):
     diff = model_diff(base_bridge, copy_pt, progress=False)
     assert diff.prompts["max_kl"].max() < 1e-6 and diff.summary["max_kl"] < 1e-6
-    assert (diff.layers["rel_drift"] == 0).all() and (diff.layers["cosine"] > 1 - 1e-9).all()
+    assert (diff.layers["rel_drift"] == 0).all() and (diff.layers["cosine"] > 1 - 1e-6).all()
     assert diff.summary["n_modules_changed"] == 0 and diff.changed_modules().empty
     assert diff.summary["suggested_layer"] is None and diff.promoted.empty
 
