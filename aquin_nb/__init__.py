@@ -43,7 +43,7 @@ __all__ = [
 
 _LAZY = {
     "Simulation": "aquin_nb.results",
-    "simulate": "aquin_nb.simulate",
+    "simulate": "aquin_nb.simulation",
     "Capture": "aquin_nb.results",
     "TrainedSae": "aquin_nb.results",
     "capture_activations": "aquin_nb.capture",
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     from .results import Capture, ModelDiff, SaeAlign, SaeDiff, Simulation, TrainedSae
     from .run import Run
     from .saes import load_sae
-    from .simulate import simulate
+    from .simulation import simulate
     from .train import sae_train
 
 

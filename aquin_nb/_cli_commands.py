@@ -209,7 +209,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     _split_legacy_output(args, "checkpoint_out", (".pt", ".pth", ".bin", ".safetensors"))
     _check_outputs(args, args.data, args.model)
     _quiet_library_loaders()
-    from .simulate import simulate
+    from .simulation import simulate
 
     simulation = simulate(
         args.model,

@@ -29,6 +29,7 @@ from ._activations import (
 from ._errors import AquinError
 from ._fit import FAST_PROMPTS, FIT_MODES, DownstreamStats, fit_verdict
 from ._quiet import quiet_unless_progress
+from ._shift import ShiftStats, attribute
 from ._stats import FitStats, PairedFeatureStats
 from ._tokenview import LiveDiff
 from ._verbs import verb
@@ -185,6 +186,7 @@ def sae_diff(
     stats = PairedFeatureStats(d_sae)
     base_fit, checkpoint_fit = FitStats(d_model), FitStats(d_model)
     downstream = {"base": DownstreamStats(), "checkpoint": DownstreamStats()}
+    shift_stats = ShiftStats(len(token_lists), d_model)
     n_downstream = {"fast": FAST_PROMPTS, "full": len(token_lists), "off": 0}[fit]
     batches = token_batches(token_lists, batch_size=batch_size, skip_first=numerics.prepend_bos)
     total = (len(token_lists) + batch_size - 1) // batch_size
@@ -200,6 +202,9 @@ def sae_diff(
             base_fit.update(x_base, sae_obj.decode(f_base))
             checkpoint_fit.update(x_ckpt, sae_obj.decode(f_ckpt))
             stats.update(f_base, f_ckpt, row_of_token, len(batch.tokens))
+            shift_stats.update(
+                x_ckpt.double() - x_base.double(), batch.prompt_index.to(sae_device)[row_of_token]
+            )
             rows = batch.prompt_index < n_downstream
             if rows.any():
                 for side, bridge in (("base", base), ("checkpoint", ckpt)):
@@ -207,7 +212,9 @@ def sae_diff(
                         bridge, sae_obj, numerics.hook_name, batch.tokens[rows], batch.mask[rows]
                     )
 
-    features = _feature_frame(stats, fdr, min_rel_delta, min_abs_delta)
+    attribution = attribute(shift_stats.per_prompt(), sae_obj.W_dec)
+    features = _feature_frame(stats, attribution, fdr, min_rel_delta, min_abs_delta)
+    features = _with_labels(features, base, sae_obj)
     sides = {
         "base": {
             "explained_variance": base_fit.explained_variance(),
@@ -251,6 +258,7 @@ def sae_diff(
             "min_rel_delta": min_rel_delta,
             "min_abs_delta": min_abs_delta,
         },
+        "shift": _shift_summary(base, attribution, features),
         "tool_version": __version__,
     }
     live = LiveDiff(base, ckpt, sae_obj, numerics.hook_name, token_lists, numerics.prepend_bos)
@@ -274,8 +282,54 @@ def _fit_warning(
     )
 
 
+LABELED = 200
+
+
+def _with_labels(features: pd.DataFrame, bridge: Any, sae: Any) -> pd.DataFrame:
+    """Label the features a reader meets first: the top `LABELED` by |Δ| and by |shift|,
+    and every feature the shift decomposition chose (others stay ``None``)."""
+    from .labels import feature_labels
+
+    by_shift = features["shift"].abs().sort_values(ascending=False, kind="stable")
+    chosen = dict.fromkeys(
+        [
+            *features["feature"].head(LABELED).tolist(),
+            *features.loc[by_shift.index[:LABELED], "feature"].tolist(),
+        ]
+    )
+    labels = feature_labels(bridge, sae, [int(f) for f in chosen])
+    features["label"] = pd.Series(
+        [labels.get(int(f)) for f in features["feature"]], index=features.index, dtype=object
+    )
+    return features
+
+
+def _shift_summary(bridge: Any, attribution: Any, features: pd.DataFrame) -> dict[str, Any]:
+    """How much the fine-tune moved the hook's residual stream, and towards which tokens."""
+    from ._lens import decode_tokens, logit_lens
+
+    norm = float(np.linalg.norm(attribution.mean_shift))
+    summary: dict[str, Any] = {
+        "norm": norm,
+        "explained": attribution.explained,
+        "n_directions": len(attribution.support),
+        "directions": [int(f) for f in attribution.support[:10]],
+        "promoted": [],
+        "suppressed": [],
+    }
+    if norm > 0:
+        lens = logit_lens(bridge, torch.as_tensor(attribution.mean_shift)[None, :], k=10)
+        summary["promoted"] = decode_tokens(bridge.tokenizer, lens.top[0].tolist())
+        summary["suppressed"] = decode_tokens(bridge.tokenizer, lens.bottom[0].tolist())
+    return summary
+
+
 def _feature_frame(
-    stats: PairedFeatureStats, fdr: float, min_rel_delta: float, min_abs_delta: float
+    stats: PairedFeatureStats,
+    attribution: Any,
+    fdr: float,
+    min_rel_delta: float,
+    min_abs_delta: float,
 ) -> pd.DataFrame:
     from scipy.stats import false_discovery_control
 
@@ -291,10 +345,13 @@ def _feature_frame(
     frame = pd.DataFrame(
         {
             "feature": np.arange(len(base)),
+            "label": pd.Series([None] * len(base), dtype=object),
             "base": base,
             "checkpoint": checkpoint,
             "delta": delta,
             "abs_delta": abs_delta,
+            "shift": attribution.shift,
+            "shift_q": false_discovery_control(attribution.p_value, method="bh"),
             "base_freq": (stats.base_fires / stats.n_tokens).numpy(),
             "checkpoint_freq": (stats.checkpoint_fires / stats.n_tokens).numpy(),
             "p_value": p_values,

@@ -51,14 +51,32 @@ def frame_to_json(frame: pd.DataFrame) -> dict[str, list[Any]]:
     return columns
 
 
-def _frame_from_json(payload: dict[str, Any], name: str, columns: tuple[str, ...], path: Path):
+def _frame_from_json(
+    payload: dict[str, Any],
+    name: str,
+    columns: tuple[str, ...],
+    path: Path,
+    optional: tuple[str, ...] = (),
+):
     data = payload.get(name)
+    missing = [column for column in optional if isinstance(data, dict) and column not in data]
+    if missing and data:  # an older file: the columns added since read as null
+        first = next(iter(data.values()))
+        length = len(first) if isinstance(first, list) else 0
+        data = {**data, **{column: [None] * length for column in missing}}
     if not isinstance(data, dict) or set(data) != set(columns):
         raise AquinError(f"{path}: '{name}' must have the columns {list(columns)}")
     lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
     if len(lengths) > 1 or -1 in lengths:
         raise AquinError(f"{path}: the columns of '{name}' must be lists of one length")
-    return pd.DataFrame(data, columns=list(columns))
+    return pd.DataFrame({column: _column(data[column]) for column in columns})
+
+
+def _column(values: list[Any]) -> Any:
+    """Text with gaps stays ``object`` so a gap reads back as ``None``, not NaN."""
+    if any(v is None for v in values) and any(isinstance(v, str) for v in values):
+        return pd.Series(values, dtype=object)
+    return values
 
 
 def read_payload(path: str | Path, kind: str) -> dict[str, Any]:
@@ -92,6 +110,8 @@ class Result:
     kind: ClassVar[str]
     verb: ClassVar[str]
     frames: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Columns added since schema_version 1 was first written: older files lack them.
+    optional_columns: ClassVar[tuple[str, ...]] = ()
     summary: dict[str, Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -104,7 +124,7 @@ class Result:
     @classmethod
     def _from_payload(cls: type[R], payload: dict[str, Any], path: Path) -> R:
         frames = {
-            name: _frame_from_json(payload, name, columns, path)
+            name: _frame_from_json(payload, name, columns, path, cls.optional_columns)
             for name, columns in cls.frames.items()
         }
         return cls(summary=payload["summary"], **frames)  # type: ignore[call-arg]
@@ -144,10 +164,13 @@ class Result:
 
 FEATURE_COLUMNS = (
     "feature",
+    "label",
     "base",
     "checkpoint",
     "delta",
     "abs_delta",
+    "shift",
+    "shift_q",
     "base_freq",
     "checkpoint_freq",
     "p_value",
@@ -157,9 +180,11 @@ FEATURE_COLUMNS = (
 # The columns a reader sees first, in the CLI table and on the card.
 DISPLAY_COLUMNS = (
     "feature",
+    "label",
     "base",
     "checkpoint",
     "delta",
+    "shift",
     "base_freq",
     "checkpoint_freq",
     "p_value",
@@ -181,8 +206,15 @@ class SaeDiff(Result):
 
     ========================  ===========================================================
     ``feature``               feature index in the SAE
+    ``label``                 what the feature is about, in words (an imported Neuronpedia
+                              explanation, else an offline label; ``None`` for features
+                              the diff did not label, see `aquin_nb.labels`)
     ``base``, ``checkpoint``  mean activation per token over all probe tokens (no BOS/pad)
     ``delta``, ``abs_delta``  ``checkpoint - base`` and its absolute value
+    ``shift``                 how far the fine-tune pushed the residual stream along this
+                              feature's unit decoder direction (a sparse decomposition of
+                              the mean shift, see `aquin_nb._shift`); 0 outside the support
+    ``shift_q``               BH-adjusted p-value of ``shift`` (t-test across prompts)
     ``base_freq``,            fraction of probe tokens on which the feature fires (> 0)
     ``checkpoint_freq``
     ``p_value``               two-sided paired t-test across prompts on per-prompt means
@@ -198,15 +230,23 @@ class SaeDiff(Result):
     kind: ClassVar[str] = "sae_diff"
     verb: ClassVar[str] = "sae_diff"
     frames: ClassVar[dict[str, tuple[str, ...]]] = {"features": FEATURE_COLUMNS}
+    optional_columns: ClassVar[tuple[str, ...]] = ("label", "shift", "shift_q")
 
     summary: dict[str, Any]
     features: pd.DataFrame
     views: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
     live: Any = field(default=None, repr=False)
 
-    def top(self, k: int = 20) -> pd.DataFrame:
-        """The ``k`` features with the largest ``|delta|``."""
-        return self.features.head(k).reset_index(drop=True)
+    def top(self, k: int = 20, by: str = "abs_delta") -> pd.DataFrame:
+        """The ``k`` features with the largest ``|delta|`` (``by="abs_delta"``), or the
+        ``k`` directions the fine-tune pushed hardest (``by="shift"``, by ``|shift|``)."""
+        if by == "abs_delta":
+            return self.features.head(k).reset_index(drop=True)
+        if by != "shift":
+            raise AquinError(f"by must be 'abs_delta' or 'shift', got {by!r}")
+        order = self.features.assign(_size=self.features["shift"].abs().fillna(0.0))
+        order = order.sort_values(["_size", "feature"], ascending=[False, True], kind="stable")
+        return order.drop(columns="_size").head(k).reset_index(drop=True)
 
     def changed(self) -> pd.DataFrame:
         """Only the features that count as changed."""

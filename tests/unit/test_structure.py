@@ -254,3 +254,16 @@ def test_reading_a_result_of_another_kind_or_version_is_a_clear_error(tmp_path, 
     (tmp_path / "c.json").write_text("[" * 100_000)
     with pytest.raises(aquin_nb.AquinError, match="cannot read sae_align result"):
         SaeAlign.from_json(tmp_path / "c.json")
+
+
+def test_every_verb_stays_a_function_after_every_module_is_imported():
+    """A verb module named like its verb would shadow it on the package once imported."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(aquin_nb.__path__, "aquin_nb."):
+        if not module.name.startswith(("aquin_nb.demo.build", "aquin_nb.__main__")):
+            importlib.import_module(module.name)
+    for tool in _verbs.VERBS:
+        assert callable(getattr(aquin_nb, tool)), tool
+        assert getattr(aquin_nb, tool).__module__ != f"aquin_nb.{tool}"
