@@ -261,7 +261,9 @@ def sae_diff(
         "shift": _shift_summary(base, attribution, features),
         "tool_version": __version__,
     }
-    live = LiveDiff(base, ckpt, sae_obj, numerics.hook_name, token_lists, numerics.prepend_bos)
+    live = LiveDiff(
+        base, ckpt, sae_obj, numerics.hook_name, token_lists, numerics.prepend_bos, numerics
+    )
     return SaeDiff(summary=summary, features=features, live=live)
 
 

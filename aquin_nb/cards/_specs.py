@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from ..results import DISPLAY_COLUMNS
 
 TABLE_ROWS = 25
@@ -52,6 +54,43 @@ def _fit_chip(fit: dict[str, Any]) -> str:
     return f"{fit['verdict']} · CE recovered {recovered[0]:.3f} / {recovered[1]:.3f}"
 
 
+def _named(row: Any) -> str:
+    label = row.get("label") if hasattr(row, "get") else None
+    return (
+        f"{label} (#{int(row['feature'])})"
+        if isinstance(label, str) and label
+        else f"#{int(row['feature'])}"
+    )
+
+
+def _diff_in_words(diff: Any, n: int = 3) -> list[str]:
+    """What changed, in words: labels of the features gained and lost, the directions
+    the fine-tune pushed, and the tokens the shift promotes."""
+    frame = diff.features
+    lines = []
+    changed = frame[frame["changed"]] if "changed" in frame else frame.iloc[0:0]
+    for word, part in (
+        ("gained", changed[changed["delta"] > 0].nlargest(n, "delta")),
+        ("lost", changed[changed["delta"] < 0].nsmallest(n, "delta")),
+    ):
+        if len(part):
+            lines.append(
+                f"{word}: "
+                + "; ".join(f"{_named(row)} {row['delta']:+.3g}" for _, row in part.iterrows())
+            )
+    shift = diff.summary.get("shift") or {}
+    if "shift" in frame and shift.get("directions"):
+        pushed = frame.set_index("feature").loc[shift["directions"][:n]].reset_index()
+        lines.append(
+            "pushed along: "
+            + "; ".join(f"{_named(row)} {row['shift']:+.3g}" for _, row in pushed.iterrows())
+            + f" ({shift['explained']:.0%} of the shift)"
+        )
+    if shift.get("promoted"):
+        lines.append("the shift promotes: " + " · ".join(t.strip() for t in shift["promoted"][:6]))
+    return lines
+
+
 def sae_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
     s = diff.summary
     fit = s["fit"]
@@ -88,7 +127,8 @@ def sae_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
     bars = _records(rising, ["feature", "delta"]) + _records(falling, ["feature", "delta"])
     headline = [
         f"nChanged={s['n_changed']} meanAbsDelta={s['mean_abs_delta']:.6g} "
-        f"maxAbsDelta={s['max_abs_delta']:.6g}"
+        f"maxAbsDelta={s['max_abs_delta']:.6g}",
+        *_diff_in_words(diff),
     ]
     spec = _card(
         "sae_diff",
@@ -96,6 +136,7 @@ def sae_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
         headline,
         chips,
         token_views={str(feature): view for feature, view in diff.views.items()},
+        dashboards={str(feature): board for feature, board in diff.dashboards.items()},
         sections=[
             {
                 "type": "bars",
@@ -355,6 +396,49 @@ def model_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
     )
 
 
+def dashboards_spec(boards: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
+    s = boards.summary
+    frame = boards.features
+    alive = frame[frame["density"] > 0]
+    densities = np.log10(alive["density"].to_numpy()) if len(alive) else np.zeros(0)
+    counts, edges = np.histogram(densities, bins=20) if len(alive) else ([0], [0.0, 1.0])
+    columns = ["feature", "label", "density", "max_activation"]
+    if "checkpoint" in s["sides"]:
+        columns += ["checkpoint_density", "checkpoint_max_activation"]
+    shown = frame.sort_values(["density", "feature"], ascending=[False, True]).head(rows)
+    return _card(
+        "dashboards",
+        f"{s['model']} · {s['hook']}",
+        [
+            f"{len(frame)} features over {s['n_tokens']} tokens ({s['n_windows']} windows); "
+            f"{s['dead_fraction']:.1%} never fire",
+            "boards.feature(i) holds one feature's contexts, histogram and logit lens",
+        ],
+        [
+            {"label": "features", "value": len(frame)},
+            {"label": "tokens", "value": s["n_tokens"]},
+            {"label": "k", "value": s["k"]},
+            {"label": "dead", "value": f"{s['dead_fraction']:.1%}"},
+            {"label": "sides", "value": " + ".join(s["sides"])},
+        ],
+        sections=[
+            {
+                "type": "histogram",
+                "title": "Feature density (log10 of the fraction of tokens where it fires)",
+                "counts": [int(c) for c in counts],
+                "edges": [float(e) for e in edges],
+            },
+            {
+                "type": "table",
+                "title": "Most frequent features",
+                "columns": columns,
+                "rows": _records(shown, columns),
+                "select": "feature",
+            },
+        ],
+    )
+
+
 SPECS: dict[str, Callable[..., dict[str, Any]]] = {
     "sae_diff": sae_diff_spec,
     "sae_align": sae_align_spec,
@@ -362,6 +446,7 @@ SPECS: dict[str, Callable[..., dict[str, Any]]] = {
     "capture": capture_spec,
     "simulation": simulation_spec,
     "model_diff": model_diff_spec,
+    "dashboards": dashboards_spec,
 }
 
 
