@@ -149,6 +149,13 @@ class Result:
 
         return CardWidget.for_result(self)
 
+    def figure(self, name: str | None = None) -> Any:
+        """A plotly ``Figure`` of one chart the card draws (``name``: the chart's ``name``
+        in the card spec, e.g. ``"bars"``; default: the first chart), to restyle or zoom."""
+        from .cards.figures import figure
+
+        return figure(self, name)
+
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
         """``text/plain`` always; the static HTML card on top (it only reads data)."""
         bundle = {"text/plain": repr(self)}
