@@ -48,12 +48,27 @@ from .results import Dashboards
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Dashboards", "feature_dashboards"]
+__all__ = ["Dashboards", "feature_dashboards", "reference_corpus"]
 
 # log10 of the activation, 24 bins from 0.001 to 100 (values outside land in the end bins)
 HISTOGRAM_EDGES = np.logspace(-3, 2, 25)
 BEFORE, AFTER = 12, 4  # tokens of context around each top activation
 LENS_TOKENS = 10
+
+
+def reference_corpus(max_texts: int | None = None) -> list[str]:
+    """The default reference corpus as texts: the shipped corpus (its first
+    ``max_texts`` documents, when given) and the probes.
+
+    Example:
+        >>> len(reference_corpus(10))
+        42
+    """
+    from ._corpus import shipped_texts
+    from .probes import load_prompts
+
+    texts = shipped_texts()
+    return (texts if max_texts is None else texts[:max_texts]) + load_prompts(None)
 
 
 class TopContexts:
