@@ -100,10 +100,10 @@ def _dashboard_html(board: dict[str, Any]) -> str:
     if board.get("label"):
         title += f": {_escape(board['label'])}"
     link = ""
-    if board.get("url"):
+    url = board.get("url")
+    if isinstance(url, str) and url.startswith(("https://", "http://")):  # never javascript:
         link = (
-            f' <a href="{_escape(board["url"])}" target="_blank" rel="noopener noreferrer">'
-            "Neuronpedia</a>"
+            f' <a href="{_escape(url)}" target="_blank" rel="noopener noreferrer">Neuronpedia</a>'
         )
     base = board["base"]
     lens = (

@@ -125,6 +125,12 @@ def sae_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
     rising = frame[frame["delta"] > 0].nlargest(BAR_FEATURES, "delta")
     falling = frame[frame["delta"] < 0].nsmallest(BAR_FEATURES, "delta")
     bars = _records(rising, ["feature", "delta"]) + _records(falling, ["feature", "delta"])
+    if "label" in frame:
+        labels = frame.set_index("feature")["label"]
+        for bar in bars:
+            label = labels.get(bar["feature"])
+            if isinstance(label, str) and label:
+                bar["label"] = f"{label[:26]} (#{bar['feature']})"
     headline = [
         f"nChanged={s['n_changed']} meanAbsDelta={s['mean_abs_delta']:.6g} "
         f"maxAbsDelta={s['max_abs_delta']:.6g}",
@@ -142,6 +148,7 @@ def sae_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
                 "type": "bars",
                 "title": "Top ±Δ features",
                 "bars": sorted(bars, key=lambda bar: -bar["delta"]),
+                "label_width": 200 if any("label" in bar for bar in bars) else 60,
             },
             {
                 "type": "table",

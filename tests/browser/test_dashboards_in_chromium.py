@@ -152,11 +152,6 @@ def test_static_card_shows_hostile_corpus_text_as_text(browser):
     page.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aquin_nb/cards/_html.py _dashboard_html links any url: a javascript: url in a "
-    "dashboard read back from JSON runs on click; it needs the http(s) check card.js makes",
-)
 def test_static_card_does_not_link_a_javascript_url(browser):
     page, card = open_static(browser, hostile_diff())
     card.locator("label.aquin-pick").first.click()
