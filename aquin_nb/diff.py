@@ -129,8 +129,8 @@ def sae_diff(
 
     Example:
         >>> diff = sae_diff("tiny-gpt2", checkpoint, name="my-ft", progress=False)
-        >>> list(diff.top(3).columns[:4]), diff.summary["name"]
-        (['feature', 'base', 'checkpoint', 'delta'], 'my-ft')
+        >>> list(diff.top(3).columns[:5]), diff.summary["name"]
+        (['feature', 'label', 'base', 'checkpoint', 'delta'], 'my-ft')
     """
     if not 0 < fdr < 1:
         raise AquinError(f"fdr must be between 0 and 1, got {fdr}")

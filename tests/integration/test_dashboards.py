@@ -73,8 +73,9 @@ def synthetic_sae(bridge, token: int, d_sae: int = 8):
     return sae
 
 
-def test_a_synthetic_token_feature_shows_its_token_everywhere(bridge):
+def test_a_synthetic_token_feature_shows_its_token_everywhere():
     """Tokens drawn at random among every token of the corpus."""
+    bridge = load_model("tiny-gpt2")  # prepared for the synthetic SAE's numerics, not shared
     tokens = random.Random(3).sample(_corpus_tokens(bridge.tokenizer), 5)
     for token in tokens:
         sae = synthetic_sae(bridge, token)
