@@ -25,6 +25,7 @@ __all__ = [
     "Run",
     "SaeAlign",
     "SaeDiff",
+    "SaeTrajectory",
     "Simulation",
     "TrainedSae",
     "__version__",
@@ -36,7 +37,9 @@ __all__ = [
     "sae_align",
     "sae_diff",
     "sae_train",
+    "sae_trajectory",
     "simulate",
+    "watch",
 ]
 
 _LAZY = {
@@ -55,6 +58,9 @@ _LAZY = {
     "load_sae": "aquin_nb.saes",
     "sae_align": "aquin_nb.align",
     "sae_diff": "aquin_nb.diff",
+    "SaeTrajectory": "aquin_nb.results",
+    "sae_trajectory": "aquin_nb.trajectory",
+    "watch": "aquin_nb.watch",
 }
 
 if TYPE_CHECKING:
@@ -63,11 +69,13 @@ if TYPE_CHECKING:
     from .diff import sae_diff
     from .mirror import connect, disconnect
     from .models import load_model
-    from .results import Capture, SaeAlign, SaeDiff, Simulation, TrainedSae
+    from .results import Capture, SaeAlign, SaeDiff, SaeTrajectory, Simulation, TrainedSae
     from .run import Run
     from .saes import load_sae
     from .simulate import simulate
     from .train import sae_train
+    from .trajectory import sae_trajectory
+    from .watch import watch
 
 
 def __getattr__(name: str) -> Any:
