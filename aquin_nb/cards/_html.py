@@ -188,6 +188,8 @@ def _labelled_heatmap_svg(section: dict[str, Any], cell: int) -> str:
     if not matrix or not columns:
         return ""
     left, top = 48, 14
+    width_of = max(cell, min(36, 420 // len(columns)))  # few columns: wider cells
+    every = -(-34 // width_of)  # a column label at least every 34 px
     finite = [abs(v) for row in matrix for v in row if isinstance(v, (int, float))]
     extent = max(finite, default=0.0) or 1.0
     what = _escape(section.get("value_label", "value"))
@@ -197,9 +199,9 @@ def _labelled_heatmap_svg(section: dict[str, Any], cell: int) -> str:
     )
     shapes = []
     for j, label in enumerate(columns):
-        if j % max(1, len(columns) // 8) == 0 or j == len(columns) - 1:
+        if j % every == 0:
             shapes.append(
-                f'<text x="{left + j * cell + cell / 2:.1f}" y="{top - 3}" '
+                f'<text x="{left + j * width_of + width_of / 2:.1f}" y="{top - 3}" '
                 f'text-anchor="middle">{_escape(label)}</text>'
             )
     for i, row in enumerate(matrix):
@@ -216,11 +218,11 @@ def _labelled_heatmap_svg(section: dict[str, Any], cell: int) -> str:
             else:
                 color, text = "#e4e7eb", "not tracked"
             shapes.append(
-                f'<rect x="{left + j * cell}" y="{y}" width="{cell}" height="{cell}" '
+                f'<rect x="{left + j * width_of}" y="{y}" width="{width_of}" height="{cell}" '
                 f'fill="{color}"><title>{row_name} {_escape(rows[i])} · {column_name} '
                 f"{_escape(columns[j])}: {what} {_escape(text)}</title></rect>"
             )
-    width, height = left + cell * len(columns) + 2, top + cell * len(matrix) + 2
+    width, height = left + width_of * len(columns) + 2, top + cell * len(matrix) + 2
     return (
         f'<svg class="aquin-heatmap" width="{width}" height="{height}" '
         f'xmlns="http://www.w3.org/2000/svg" role="img">{"".join(shapes)}</svg>'
@@ -284,7 +286,7 @@ def line_svg(section: dict[str, Any], width: int = 460, height: int = 120) -> st
                     f'points="{" ".join(run)}">{title}</polyline>'
                 )
     if named:
-        per_row = 4
+        per_row = 3
         for index, line in enumerate(series):
             row, column = divmod(index, per_row)
             x, y = 45 + column * (width - 50) / per_row, height + 12 + row * 14
