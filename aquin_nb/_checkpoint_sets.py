@@ -73,7 +73,9 @@ def names_a_set(value: Any) -> bool:
     if not path.is_dir():
         return False
     folder = run_checkpoint_dir(path)
-    return folder is not None and any(_is_run_entry(entry) for entry in folder.iterdir())
+    if folder is None:
+        return False
+    return folder != path or path.name == "checkpoints" or any(map(_is_run_entry, path.iterdir()))
 
 
 def _is_run_entry(path: Path) -> bool:
