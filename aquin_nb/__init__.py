@@ -60,7 +60,7 @@ _LAZY = {
     "sae_diff": "aquin_nb.diff",
     "SaeTrajectory": "aquin_nb.results",
     "sae_trajectory": "aquin_nb.trajectory",
-    "watch": "aquin_nb.watch",
+    "watch": "aquin_nb.watcher",
 }
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from .simulate import simulate
     from .train import sae_train
     from .trajectory import sae_trajectory
-    from .watch import watch
+    from .watcher import watch
 
 
 def __getattr__(name: str) -> Any:

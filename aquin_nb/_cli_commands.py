@@ -168,7 +168,7 @@ def _cmd_watch(args: argparse.Namespace) -> None:
     _check_outputs(args, args.run_dir, args.prompts, args.sae, args.metrics)
     _quiet_library_loaders()
     from . import _verbs
-    from .watch import watch
+    from .watcher import watch
 
     def report(event: Any) -> None:
         if event.phase != "result":
@@ -207,7 +207,7 @@ def _cmd_watch(args: argparse.Namespace) -> None:
 
     say(render_text(card_spec(trajectory, rows=args.top)))
     if trajectory.summary["n_steps"]:
-        from .watch import TRAJECTORY_FILE
+        from .watcher import TRAJECTORY_FILE
 
         say(f"wrote {args.output or Path(args.run_dir) / TRAJECTORY_FILE}")
     if args.html:
