@@ -33,7 +33,6 @@ from ._passes import BasePass, CheckpointPass, Shard, base_pass, checkpoint_pass
 if TYPE_CHECKING:
     from ._checkpoint_sets import CheckpointRef
     from .saes import SaeNumerics
-    from .trajectory import Comparison
 
 
 def _ray() -> Any:
@@ -96,7 +95,8 @@ def _checkpoint_task(
 class RayRunner:
     """Submits one comparison's passes to Ray and merges what comes back."""
 
-    def __init__(self, comparison: Comparison, n_shards: int) -> None:
+    def __init__(self, comparison: Any, n_shards: int) -> None:
+        """``comparison``: the `aquin_nb.trajectory.Comparison` whose passes to run."""
         self.ray = _ray()
         self.comparison = comparison
         prepared = comparison.prepared

@@ -124,11 +124,13 @@ def test_a_listener_sees_one_start_and_one_result_per_verb_and_not_inner_verbs(
         )
         rows = [{"instruction": "Bake bread.", "response": "Preheat the oven."}] * 4
         aquin_nb.simulate("tiny-gpt2", rows, steps=5, output=tmp_path / "s.pt", progress=False)
+        aquin_nb.sae_trajectory("tiny-gpt2", {0: copy_pt}, fit="off", progress=False)
         with pytest.raises(aquin_nb.AquinError):
             aquin_nb.sae_diff("tiny-gpt2", tmp_path / "missing.pt", progress=False)
     finally:
         _verbs.remove_listener(seen.append)
-    tools = ["sae_diff", "sae_align", "capture_activations", "sae_train", "simulate", "sae_diff"]
+    tools = ["sae_diff", "sae_align", "capture_activations", "sae_train", "simulate"]
+    tools += ["sae_trajectory", "sae_diff"]
     assert [(e.tool, e.phase) for e in seen] == [
         (tool, phase) for tool in tools for phase in ("start", "result")
     ]
@@ -141,6 +143,7 @@ def test_a_listener_sees_one_start_and_one_result_per_verb_and_not_inner_verbs(
         "capture",
         "sae_train",
         "simulation",
+        "sae_trajectory",
     ]
     assert results[-1] is None and "missing.pt" in str(seen[-1].error)
     assert {type(r).verb for r in results[:-1]} == set(_verbs.VERBS)
@@ -203,8 +206,11 @@ def test_results_round_trip_and_render_from_json_without_torch(tmp_path, tiny_sa
     simulation = aquin_nb.simulate(
         "tiny-gpt2", rows, steps=5, output=tmp_path / "s.pt", progress=False
     )
+    trajectory = aquin_nb.sae_trajectory(
+        "tiny-gpt2", {0: copy_pt, 5: tmp_path / "s.pt"}, fit="off", progress=False
+    )
     paths = {}
-    for result in (diff, capture, trained, align, simulation):
+    for result in (diff, capture, trained, align, simulation, trajectory):
         path = result.to_json(tmp_path / f"{result.kind}.json")
         again = type(result).from_json(path)
         assert again.summary == json.loads(json.dumps(result.summary))
@@ -219,7 +225,7 @@ def test_results_round_trip_and_render_from_json_without_torch(tmp_path, tiny_sa
     script = RENDER_WITHOUT_TORCH.format(paths=paths)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "rendered 5" in done.stdout
+    assert "rendered 6" in done.stdout
 
 
 def test_reading_a_result_of_another_kind_or_version_is_a_clear_error(tmp_path, tiny_sae):
