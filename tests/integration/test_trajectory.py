@@ -62,7 +62,9 @@ def expected_changes(tiny_sae, feature):
     xs, owners = [], []
     with torch.no_grad():
         for batch in token_batches(prepared.token_lists, batch_size=16, skip_first=True):
-            xs.append(residual(prepared.base, batch.tokens, prepared.numerics.hook_name)[batch.mask])
+            xs.append(
+                residual(prepared.base, batch.tokens, prepared.numerics.hook_name)[batch.mask]
+            )
             owners.append(batch.prompt_index[:, None].expand_as(batch.mask)[batch.mask])
     x, owner = torch.cat(xs), torch.cat(owners).numpy()
     n_prompts = int(owner.max()) + 1
@@ -219,9 +221,7 @@ BAD_RUNS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_RUNS))
-def test_a_bad_run_exits_2_naming_the_file_and_writes_nothing(
-    capsys, tmp_path, base_state, case
-):
+def test_a_bad_run_exits_2_naming_the_file_and_writes_nothing(capsys, tmp_path, base_state, case):
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
     checkpoint = str(tmp_path / "run")

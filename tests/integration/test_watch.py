@@ -74,7 +74,10 @@ def polling(monkeypatch):
 
 @pytest.fixture(scope="module")
 def states(base_state, tiny_sae, planted_feature):
-    return {step: plant(base_state, tiny_sae, planted_feature, boost=step / 10) for step in range(10, 60, 10)}
+    return {
+        step: plant(base_state, tiny_sae, planted_feature, boost=step / 10)
+        for step in range(10, 60, 10)
+    }
 
 
 def test_a_background_writer_three_checkpoints_each_diffed_once_and_a_restart_redoes_none(
@@ -135,7 +138,9 @@ def test_the_watched_trajectory_equals_the_batch_one(tmp_path, states):
     folder.mkdir(parents=True)
     for step in (10, 20, 30):
         torch.save({"step": step, "state_dict": states[step]}, folder / f"step_{step}.pt")
-    watched = watch(tmp_path / "run", "tiny-gpt2", fit="off", poll_s=0.05, idle_timeout_s=0, progress=False)
+    watched = watch(
+        tmp_path / "run", "tiny-gpt2", fit="off", poll_s=0.05, idle_timeout_s=0, progress=False
+    )
     batch = sae_trajectory("tiny-gpt2", tmp_path / "run", fit="off", progress=False)
     for name in ("steps", "features"):
         assert getattr(watched, name).equals(getattr(batch, name)), name
@@ -153,7 +158,9 @@ def test_bad_checkpoints_mid_run_are_reported_and_skipped(tmp_path, states, capl
     torch.save({"step": 30, "state_dict": states[30]}, folder / "step_30.pt")
     torch.save({"step": 30, "state_dict": states[30]}, folder / "step-30.pt")
     with Seen() as seen:
-        trajectory = watch(tmp_path / "run", "tiny-gpt2", fit="off", poll_s=0.05, idle_timeout_s=0, progress=False)
+        trajectory = watch(
+            tmp_path / "run", "tiny-gpt2", fit="off", poll_s=0.05, idle_timeout_s=0, progress=False
+        )
     assert trajectory.per_step["step"].tolist() == [10, 30]
     assert sorted(seen.steps(ok=False)) == [20, 25]  # the mirror shows them as failed rows
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -164,7 +171,9 @@ def test_bad_checkpoints_mid_run_are_reported_and_skipped(tmp_path, states, capl
     # The stalled writer finishes: the changed file is read again and diffed.
     (folder / "step_20.pt").write_bytes(checkpoint_bytes(20, states[20]))
     with Seen() as seen:
-        trajectory = watch(tmp_path / "run", "tiny-gpt2", fit="off", poll_s=0.05, idle_timeout_s=0, progress=False)
+        trajectory = watch(
+            tmp_path / "run", "tiny-gpt2", fit="off", poll_s=0.05, idle_timeout_s=0, progress=False
+        )
     assert seen.steps() == [20] and trajectory.per_step["step"].tolist() == [10, 20, 30]
 
 
@@ -189,15 +198,21 @@ def test_a_checkpoint_deleted_while_watched_is_named(tmp_path, states, caplog, p
 
     writer = threading.Thread(target=trainer)
     writer.start()
-    trajectory = watch(tmp_path / "run", "tiny-gpt2", fit="off", poll_s=0.05, stop=stop, progress=False)
+    trajectory = watch(
+        tmp_path / "run", "tiny-gpt2", fit="off", poll_s=0.05, stop=stop, progress=False
+    )
     writer.join()
-    assert trajectory.summary["n_steps"] == 0 and not (tmp_path / "run" / "trajectory.json").exists()
+    assert (
+        trajectory.summary["n_steps"] == 0 and not (tmp_path / "run" / "trajectory.json").exists()
+    )
     assert any(
         "step_10.pt was deleted before it was diffed" in r.getMessage() for r in caplog.records
     )
     # Deleted between the completeness check and the read:
     with pytest.raises(AquinError, match=r"checkpoint .*step_99\.pt \(step 99\) was deleted while"):
-        _diff_new_checkpoint(str(folder / "step_99.pt"), 99, comparison=_comparison(), trajectory=trajectory)
+        _diff_new_checkpoint(
+            str(folder / "step_99.pt"), 99, comparison=_comparison(), trajectory=trajectory
+        )
 
 
 def _comparison():
@@ -249,7 +264,10 @@ def test_cli_watch_prints_each_step_and_refuses_a_foreign_trajectory(capsys, tmp
     assert main([*args, "--idle-timeout", "0", "-q", "--html", str(html)]) == 0
     out = capsys.readouterr().out
     assert "[watch] step 10 (step_10)" in out and "[watch] step 20 (step_20)" in out
-    assert "[sae trajectory] tiny-gpt2 vs run" in out and 'data-kind="sae_trajectory"' in html.read_text()
+    assert (
+        "[sae trajectory] tiny-gpt2 vs run" in out
+        and 'data-kind="sae_trajectory"' in html.read_text()
+    )
     # A trajectory of other prompts in the way: exit 2, the file named, nothing overwritten.
     before = (tmp_path / "run" / "trajectory.json").read_text()
     prompts = tmp_path / "p.json"
