@@ -282,9 +282,9 @@ def sae_trajectory(
     the whole call with an `AquinError` naming its file; nothing is returned.
 
     Example:
-        >>> trajectory = sae_trajectory("tiny-gpt2", {5: checkpoint}, progress=False)
-        >>> trajectory.per_step[["step", "fit_verdict"]].values.tolist()
-        [[5, 'pass']]
+        >>> trajectory = sae_trajectory("tiny-gpt2", {5: checkpoint}, fit="off", progress=False)
+        >>> trajectory.per_step[["step", "n_changed"]].values.tolist()[0][0], trajectory.top(1)
+        (5, [101])
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise AquinError(f"top_k must be 0 or more, got {top_k!r}")
