@@ -37,6 +37,23 @@ def doctest_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Labels, explanations and dashboards are cached in a temporary directory, never
+    in the user's ~/.cache."""
+    import os
+
+    from aquin_nb.labels import ENV_CACHE
+
+    previous = os.environ.get(ENV_CACHE)
+    os.environ[ENV_CACHE] = str(tmp_path_factory.mktemp("aquin-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(ENV_CACHE, None)
+    else:
+        os.environ[ENV_CACHE] = previous
+
+
 @pytest.fixture(autouse=True)
 def _doctest_workdir(request, doctest_namespace, tmp_path, monkeypatch):
     """Doctests write their files into a temporary directory, never the checkout."""

@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AquinError",
     "Capture",
+    "ModelDiff",
     "Run",
     "SaeAlign",
     "SaeDiff",
@@ -34,6 +35,7 @@ __all__ = [
     "disconnect",
     "load_model",
     "load_sae",
+    "model_diff",
     "sae_align",
     "sae_diff",
     "sae_train",
@@ -44,7 +46,7 @@ __all__ = [
 
 _LAZY = {
     "Simulation": "aquin_nb.results",
-    "simulate": "aquin_nb.simulate",
+    "simulate": "aquin_nb.simulation",
     "Capture": "aquin_nb.results",
     "TrainedSae": "aquin_nb.results",
     "capture_activations": "aquin_nb.capture",
@@ -54,6 +56,8 @@ _LAZY = {
     "disconnect": "aquin_nb.mirror",
     "SaeAlign": "aquin_nb.results",
     "SaeDiff": "aquin_nb.results",
+    "ModelDiff": "aquin_nb.results",
+    "model_diff": "aquin_nb.modeldiff",
     "load_model": "aquin_nb.models",
     "load_sae": "aquin_nb.saes",
     "sae_align": "aquin_nb.align",
@@ -68,11 +72,20 @@ if TYPE_CHECKING:
     from .capture import capture_activations
     from .diff import sae_diff
     from .mirror import connect, disconnect
+    from .modeldiff import model_diff
     from .models import load_model
-    from .results import Capture, SaeAlign, SaeDiff, SaeTrajectory, Simulation, TrainedSae
+    from .results import (
+        Capture,
+        ModelDiff,
+        SaeAlign,
+        SaeDiff,
+        SaeTrajectory,
+        Simulation,
+        TrainedSae,
+    )
     from .run import Run
     from .saes import load_sae
-    from .simulate import simulate
+    from .simulation import simulate
     from .train import sae_train
     from .trajectory import sae_trajectory
     from .watcher import watch

@@ -129,6 +129,7 @@ def _cmd_sae_diff(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         fdr=args.fdr,
         min_rel_delta=args.min_rel_delta,
+        fit=args.fit,
         device=args.device,
         progress=not args.quiet,
     )
@@ -154,6 +155,7 @@ def _sae_trajectory(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         fdr=args.fdr,
         min_rel_delta=args.min_rel_delta,
+        fit=args.fit,
         backend=args.backend or "local",
         prompt_shards=args.prompt_shards or 1,
         device=args.device,
@@ -175,11 +177,7 @@ def _cmd_watch(args: argparse.Namespace) -> None:
             return
         if event.error is not None:
             return  # watch logs the skipped checkpoint as a warning line
-        row = event.result.per_step.set_index("step").loc[event.args[1]]
-        say(
-            f"[watch] step {event.args[1]} ({row['name']}): {row['n_changed']} features "
-            f"changed, max |Δ| {row['max_abs_delta']:.4g}, fit {row['fit_verdict']}"
-        )
+        say(f"[watch] {event.result.describe_step(event.args[1])}")
 
     _verbs.add_listener(report)
     try:
@@ -206,7 +204,7 @@ def _cmd_watch(args: argparse.Namespace) -> None:
     from .cards import card_spec, render_text
 
     say(render_text(card_spec(trajectory, rows=args.top)))
-    if trajectory.summary["n_steps"]:
+    if not trajectory.per_step.empty:  # watch wrote it after each step
         from .watcher import TRAJECTORY_FILE
 
         say(f"wrote {args.output or Path(args.run_dir) / TRAJECTORY_FILE}")
@@ -214,6 +212,23 @@ def _cmd_watch(args: argparse.Namespace) -> None:
         from .cards import write_report
 
         say(f"wrote {write_report(args.html, [trajectory])}")
+
+
+def _cmd_model_diff(args: argparse.Namespace) -> None:
+    _check_outputs(args, args.checkpoint, args.prompts)
+    _quiet_library_loaders()
+    from .modeldiff import model_diff
+
+    result = model_diff(
+        args.model,
+        args.checkpoint,
+        prompts=args.prompts,
+        name=args.name,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    _show(args, result)
 
 
 def _cmd_sae_align(args: argparse.Namespace) -> None:
@@ -294,7 +309,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     _split_legacy_output(args, "checkpoint_out", (".pt", ".pth", ".bin", ".safetensors"))
     _check_outputs(args, args.data, args.model)
     _quiet_library_loaders()
-    from .simulate import simulate
+    from .simulation import simulate
 
     simulation = simulate(
         args.model,
@@ -321,7 +336,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     result = run_demo(args.out, steps=args.steps, progress=not args.quiet)
     say(f"[demo] LoRA fine-tune of tiny-gpt2 on the cooking set: {result.checkpoint}")
-    for shown in (result.diff, result.trained, result.align):
+    for shown in (result.signals, result.diff, result.trained, result.align):
         say()
         say(render_text(card_spec(shown, rows=args.top)))
     say()
@@ -339,10 +354,17 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(db, token=args.token)
     host, port = sock.getsockname()[:2]
     origin = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    state = "generated now and stored" if app.state.token_generated else "stored"
+    from urllib.parse import quote
+
+    token_file = getattr(app.state, "token_file", None)
+    if token_file is None:
+        where = "given with --token"
+    else:
+        made = "generated now and kept" if app.state.token_generated else "kept"
+        where = f"{made} in {token_file}; the database holds only its hash"
     say(f"[serve] aquin_nb mirror on {origin}, sessions in {db}")
-    say(f"[serve] token ({state} in the database): {app.state.token}")
-    say(f"[serve] open {origin}/?token={app.state.token}")
+    say(f"[serve] token ({where}): {app.state.token}")
+    say(f"[serve] open {origin}/?token={quote(app.state.token, safe='')}")
     say(
         f"[serve] clients: AQUIN_NB_URL={origin} AQUIN_NB_TOKEN={app.state.token} AQUIN_NB_SESSION=NAME"
     )

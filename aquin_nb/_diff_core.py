@@ -161,9 +161,15 @@ def prepare(
 
 
 def feature_frame(
-    stats: PairedFeatureStats, fdr: float, min_rel_delta: float, min_abs_delta: float
+    stats: PairedFeatureStats,
+    fdr: float,
+    min_rel_delta: float,
+    min_abs_delta: float,
+    attribution: Any = None,
 ) -> pd.DataFrame:
-    """One row per feature (`aquin_nb.results.FEATURE_COLUMNS`), sorted by ``abs_delta``."""
+    """One row per feature, sorted by ``abs_delta``: `aquin_nb.results.FEATURE_COLUMNS`
+    (``label`` left None) when ``attribution`` (`aquin_nb._shift.attribute`) is given,
+    else without ``label``, ``shift`` and ``shift_q``."""
     from scipy.stats import false_discovery_control
 
     base = (stats.base_sum / stats.n_tokens).numpy()
@@ -175,20 +181,21 @@ def feature_frame(
     effect = (abs_delta >= min_rel_delta * np.maximum(base, checkpoint)) & (
         abs_delta >= min_abs_delta
     )
-    frame = pd.DataFrame(
-        {
-            "feature": np.arange(len(base)),
-            "base": base,
-            "checkpoint": checkpoint,
-            "delta": delta,
-            "abs_delta": abs_delta,
-            "base_freq": (stats.base_fires / stats.n_tokens).numpy(),
-            "checkpoint_freq": (stats.checkpoint_fires / stats.n_tokens).numpy(),
-            "p_value": p_values,
-            "q_value": q_values,
-            "changed": (q_values <= fdr) & effect,
-        }
+    columns: dict[str, Any] = {"feature": np.arange(len(base))}
+    if attribution is not None:
+        columns["label"] = pd.Series([None] * len(base), dtype=object)
+    columns.update(base=base, checkpoint=checkpoint, delta=delta, abs_delta=abs_delta)
+    if attribution is not None:
+        columns["shift"] = attribution.shift
+        columns["shift_q"] = false_discovery_control(attribution.p_value, method="bh")
+    columns.update(
+        base_freq=(stats.base_fires / stats.n_tokens).numpy(),
+        checkpoint_freq=(stats.checkpoint_fires / stats.n_tokens).numpy(),
+        p_value=p_values,
+        q_value=q_values,
+        changed=(q_values <= fdr) & effect,
     )
+    frame = pd.DataFrame(columns)
     frame = frame.sort_values(["abs_delta", "feature"], ascending=[False, True], kind="stable")
     return frame.reset_index(drop=True)
 

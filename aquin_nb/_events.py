@@ -69,6 +69,8 @@ def plain(value: Any) -> Any:
             return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        return str(value)  # the receiver refuses integers beyond 64 bits
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)

@@ -7,6 +7,11 @@ decisions 6 and 11). The base pass keeps what every checkpoint is compared
 with: the base's sums, its fit and each prompt's mean feature activation
 (`aquin_nb._stats.BaseFeatureStats`). A checkpoint pass runs only the
 checkpoint: one truncated forward per batch, against those stored means.
+
+Both passes also sum each prompt's residual-stream activations at the hook
+(`ResidualSums`, ``[prompts, d_model]`` float64): a checkpoint's sums minus the
+base's are the per-prompt mean shift that `aquin_nb._shift.attribute`
+decomposes over the decoder directions, as `sae_diff` does.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._activations import TokenBatch, residual, token_batches
@@ -43,17 +49,42 @@ def shards(token_lists: list[list[int]], n_shards: int) -> list[Shard]:
     return cut
 
 
+class ResidualSums:
+    """Each prompt's sum of residual-stream activations at the hook, and its token count."""
+
+    def __init__(self, n_prompts: int, d_model: int) -> None:
+        self.sums = torch.zeros(n_prompts, d_model, dtype=torch.float64)
+        self.counts = torch.zeros(n_prompts, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor, prompt_of_token: torch.Tensor) -> None:
+        rows = prompt_of_token.cpu()
+        self.sums.index_add_(0, rows, x.double().cpu())
+        self.counts.index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64))
+
+    def merge(self, other: ResidualSums) -> ResidualSums:
+        """Append ``other``'s prompts (those that follow this one's); returns self."""
+        self.sums = torch.cat([self.sums, other.sums])
+        self.counts = torch.cat([self.counts, other.counts])
+        return self
+
+    def shift_from(self, base: ResidualSums) -> np.ndarray:
+        """Per-prompt mean shift, this side minus ``base``: ``[prompts, d_model]``."""
+        return ((self.sums - base.sums) / self.counts.clamp_min(1)[:, None]).numpy()
+
+
 @dataclass
 class BasePass:
     features: BaseFeatureStats
     fit: FitStats
     downstream: DownstreamStats
+    residual: ResidualSums
 
     def merge(self, other: BasePass) -> BasePass:
         """``other`` must cover the prompts that follow this pass's."""
         self.features.merge(other.features)
         self.fit.merge(other.fit)
         self.downstream.merge(other.downstream)
+        self.residual.merge(other.residual)
         return self
 
 
@@ -62,11 +93,14 @@ class CheckpointPass:
     features: PairedFeatureStats
     fit: FitStats
     downstream: DownstreamStats
+    residual: ResidualSums
 
     def merge(self, other: CheckpointPass) -> CheckpointPass:
+        """``other`` must cover the prompts that follow this pass's."""
         self.features.merge(other.features)
         self.fit.merge(other.fit)
         self.downstream.merge(other.downstream)
+        self.residual.merge(other.residual)
         return self
 
 
@@ -80,6 +114,11 @@ def _batches(
         mask = batch.mask.to(device)
         rows = torch.arange(len(batch.tokens), device=device)[:, None].expand_as(mask)[mask]
         yield batch, mask, rows
+
+
+def _prompt_of_token(batch: TokenBatch, rows: torch.Tensor) -> torch.Tensor:
+    """Each counted token's prompt, numbered within the shard."""
+    return batch.prompt_index.to(rows.device)[rows]
 
 
 def _features(bridge: Any, sae: Any, numerics: SaeNumerics, batch: TokenBatch, mask: torch.Tensor):
@@ -114,15 +153,18 @@ def base_pass(
     n_downstream: int,
 ) -> BasePass:
     device = next(bridge.original_model.parameters()).device
+    d_sae, d_model = (int(n) for n in sae.W_dec.shape)
     result = BasePass(
-        BaseFeatureStats(int(sae.W_dec.shape[0])),
-        FitStats(int(sae.W_dec.shape[1])),
+        BaseFeatureStats(d_sae),
+        FitStats(d_model),
         DownstreamStats(),
+        ResidualSums(len(shard.token_lists), d_model),
     )
     for batch, mask, rows in _batches(shard, batch_size, numerics, device):
         x, features = _features(bridge, sae, numerics, batch, mask)
         result.fit.update(x, sae.decode(features))
         result.features.update(features, rows, len(batch.tokens))
+        result.residual.update(x, _prompt_of_token(batch, rows))
         _downstream(result.downstream, bridge, sae, numerics, batch, shard, n_downstream)
     return result
 
@@ -140,8 +182,12 @@ def checkpoint_pass(
 ) -> CheckpointPass:
     """The checkpoint side of ``shard`` against ``base``, the base pass of the same shard."""
     device = next(bridge.original_model.parameters()).device
+    d_model = int(sae.W_dec.shape[1])
     result = CheckpointPass(
-        base.features.paired(), FitStats(int(sae.W_dec.shape[1])), DownstreamStats()
+        base.features.paired(),
+        FitStats(d_model),
+        DownstreamStats(),
+        ResidualSums(len(shard.token_lists), d_model),
     )
     batches = list(_batches(shard, batch_size, numerics, device))
     if len(batches) != len(base.features.batch_means):
@@ -150,5 +196,6 @@ def checkpoint_pass(
         x, features = _features(bridge, sae, numerics, batch, mask)
         result.fit.update(x, sae.decode(features))
         result.features.update_checkpoint(features, rows, base_means.to(device))
+        result.residual.update(x, _prompt_of_token(batch, rows))
         _downstream(result.downstream, bridge, sae, numerics, batch, shard, n_downstream)
     return result

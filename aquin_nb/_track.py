@@ -57,18 +57,26 @@ def empty_trajectory(summary: dict[str, Any], metrics: pd.DataFrame | None = Non
 def tracked_after(
     tracked: list[int], frame: pd.DataFrame, top_k: int, max_features: int
 ) -> list[int]:
-    """``tracked`` plus this step's newcomers: its top ``top_k`` by ``|delta|`` (non-zero)
-    while fewer than ``max_features`` are tracked, then its changed features by ``|delta|``
-    while fewer than half of ``max_features`` are (the rest stays for later top features).
+    """``tracked`` plus this step's newcomers: its top ``top_k`` by ``|delta|`` and by
+    ``|shift|`` (non-zero) while fewer than ``max_features`` are tracked, then its changed
+    features by ``|delta|`` while fewer than half of ``max_features`` are (the rest stays
+    for later top features).
 
     ``frame`` is a full feature frame, sorted by ``abs_delta`` descending.
     """
     known = set(tracked)
     result = list(tracked)
     moved = frame[frame["abs_delta"] > 0]
+    top = list(moved["feature"].head(top_k))
+    if "shift" in frame:
+        pushed = frame.loc[frame["shift"] != 0, ["feature", "shift"]]
+        by_shift = pushed.assign(size=pushed["shift"].abs()).sort_values(
+            ["size", "feature"], ascending=[False, True], kind="stable"
+        )
+        top += list(by_shift["feature"].head(top_k))
     for candidates, room in (
-        (moved["feature"].head(top_k), max_features),
-        (frame.loc[frame["changed"], "feature"], max(1, max_features // 2)),
+        (top, max_features),
+        (list(frame.loc[frame["changed"], "feature"]), max(1, max_features // 2)),
     ):
         for feature in candidates:
             if len(result) >= room:
@@ -88,9 +96,11 @@ def add_step(
     checkpoint: str,
     frame: pd.DataFrame,
     fit: dict[str, Any],
+    shift_norm: float = 0.0,
 ) -> SaeTrajectory:
     """A new trajectory with ``step`` added: ``frame`` is its full per-feature frame (as
-    `SaeDiff.features`), ``fit`` its fit report (verdict, figures, warning)."""
+    `SaeDiff.features`; without a ``shift`` column the shifts are 0), ``fit`` its fit
+    report (verdict, figures, warning), ``shift_norm`` the mean residual shift's norm."""
     done = set(trajectory.per_step["step"].tolist())
     if step in done:
         raise AquinError(f"step {step} ({checkpoint}) is already in the trajectory")
@@ -98,6 +108,8 @@ def add_step(
     tracked = [int(f) for f in pd.unique(trajectory.steps["feature"])]
     tracked = tracked_after(tracked, frame, tracking["top_k"], tracking["max_features"])
     rows = frame[frame["feature"].isin(tracked)]
+    if "shift" not in rows:
+        rows = rows.assign(shift=0.0)
     rows = rows.assign(step=step)[list(TRAJECTORY_STEP_COLUMNS)]
     steps = (
         pd.concat([trajectory.steps, rows], ignore_index=True) if len(rows) else trajectory.steps
@@ -115,6 +127,7 @@ def add_step(
                 "n_changed": int(frame["changed"].sum()),
                 "mean_abs_delta": float(abs_delta.mean()) if len(abs_delta) else 0.0,
                 "max_abs_delta": float(abs_delta.max()) if len(abs_delta) else 0.0,
+                "shift_norm": float(shift_norm),
                 "fit_verdict": fit["verdict"],
                 "explained_variance": checkpoint_fit["explained_variance"],
                 "l0": checkpoint_fit["l0"],

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from ._cli_commands import (
     _cmd_capture,
     _cmd_demo,
+    _cmd_model_diff,
     _cmd_models,
     _cmd_pull_sae,
     _cmd_sae_align,
@@ -149,6 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     pull_sae.add_argument("--layer", type=int, help="layer (default: the catalog's)")
     pull_sae.set_defaults(run=_cmd_pull_sae)
 
+    model = commands.add_parser("model", help="SAE-free verbs: diff")
+    model_verbs = model.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    model_diff = _verb_parser(
+        model_verbs,
+        "diff",
+        "where a fine-tune acts, without an SAE: per-token KL, layer drift, promoted "
+        "tokens, weight diff",
+        _cmd_model_diff,
+        top=15,
+    )
+    model_diff.add_argument("--model", required=True, help="catalog slug or local model directory")
+    model_diff.add_argument(
+        "--checkpoint",
+        required=True,
+        help="{step, state_dict} .pt, state dict, .safetensors, HF directory or PEFT adapter",
+    )
+    model_diff.add_argument("--prompts", help="JSON array or JSONL (default: the shipped probes)")
+    model_diff.add_argument("--name", help="label for the checkpoint (default: its file stem)")
+    model_diff.add_argument("--batch-size", type=int, default=16)
+    model_diff.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+
     sae = commands.add_parser("sae", help="SAE verbs: diff, train, align")
     sae_verbs = sae.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     diff = _verb_parser(
@@ -185,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_finite_float,
         default=0.1,
         help="minimum |Δ| relative to max(base, checkpoint) for 'changed'",
+    )
+    diff.add_argument(
+        "--fit",
+        choices=["fast", "full", "off"],
+        default="fast",
+        help="downstream fit (CE loss recovered) on the first 8 prompts, all, or none",
     )
     diff.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     run = diff.add_argument_group("a run of checkpoints (trajectory)")

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -29,6 +31,7 @@ from ._diff_core import (
 )
 from ._fit import FAST_PROMPTS, DownstreamStats
 from ._quiet import quiet_unless_progress
+from ._shift import ShiftStats, attribute
 from ._stats import FitStats, PairedFeatureStats
 from ._tokenview import LiveDiff
 from ._verbs import verb
@@ -90,18 +93,18 @@ def sae_diff(
     check_options(fdr, batch_size, fit)
     prepared = prepare(model, prompts, layer, sae, device, "sae_diff")
     base, model_label, numerics = prepared.base, prepared.model_label, prepared.numerics
-    sae_obj, token_lists = prepared.sae, prepared.token_lists
+    sae_obj, token_lists, d_model = prepared.sae, prepared.token_lists, prepared.d_model
     ckpt, default_name = load_checkpoint(checkpoint, base, model, device)
     prepared.check_architecture(ckpt)
     prepare_bridge(ckpt, numerics)
     sae_device = prepared.device
     sae_dtype = sae_obj.W_dec.dtype
-    d_model = prepared.d_model
 
     d_sae = int(sae_obj.W_dec.shape[0])
     stats = PairedFeatureStats(d_sae)
     base_fit, checkpoint_fit = FitStats(d_model), FitStats(d_model)
     downstream = {"base": DownstreamStats(), "checkpoint": DownstreamStats()}
+    shift_stats = ShiftStats(len(token_lists), d_model)
     n_downstream = {"fast": FAST_PROMPTS, "full": len(token_lists), "off": 0}[fit]
     batches = token_batches(token_lists, batch_size=batch_size, skip_first=numerics.prepend_bos)
     total = (len(token_lists) + batch_size - 1) // batch_size
@@ -117,6 +120,9 @@ def sae_diff(
             base_fit.update(x_base, sae_obj.decode(f_base))
             checkpoint_fit.update(x_ckpt, sae_obj.decode(f_ckpt))
             stats.update(f_base, f_ckpt, row_of_token, len(batch.tokens))
+            shift_stats.update(
+                x_ckpt.double() - x_base.double(), batch.prompt_index.to(sae_device)[row_of_token]
+            )
             rows = batch.prompt_index < n_downstream
             if rows.any():
                 for side, bridge in (("base", base), ("checkpoint", ckpt)):
@@ -124,7 +130,9 @@ def sae_diff(
                         bridge, sae_obj, numerics.hook_name, batch.tokens[rows], batch.mask[rows]
                     )
 
-    features = feature_frame(stats, fdr, min_rel_delta, min_abs_delta)
+    attribution = attribute(shift_stats.per_prompt(), sae_obj.W_dec)
+    features = feature_frame(stats, fdr, min_rel_delta, min_abs_delta, attribution)
+    features = _with_labels(features, base, sae_obj)
     sides = {
         "base": fit_side(base_fit, stats.base_fires, stats.n_tokens, downstream["base"]),
         "checkpoint": fit_side(
@@ -156,7 +164,50 @@ def sae_diff(
         "name": name or default_name,
         "fit": fit_report,
         "criteria": criteria(fdr, min_rel_delta, min_abs_delta),
+        "shift": _shift_summary(base, attribution, features),
         "tool_version": __version__,
     }
     live = LiveDiff(base, ckpt, sae_obj, numerics.hook_name, token_lists, numerics.prepend_bos)
     return SaeDiff(summary=summary, features=features, live=live)
+
+
+LABELED = 200
+
+
+def _with_labels(features: pd.DataFrame, bridge: Any, sae: Any) -> pd.DataFrame:
+    """Label the features a reader meets first: the top `LABELED` by |Δ| and by |shift|,
+    and every feature the shift decomposition chose (others stay ``None``)."""
+    from .labels import feature_labels
+
+    by_shift = features["shift"].abs().sort_values(ascending=False, kind="stable")
+    chosen = dict.fromkeys(
+        [
+            *features["feature"].head(LABELED).tolist(),
+            *features.loc[by_shift.index[:LABELED], "feature"].tolist(),
+        ]
+    )
+    labels = feature_labels(bridge, sae, [int(f) for f in chosen])
+    features["label"] = pd.Series(
+        [labels.get(int(f)) for f in features["feature"]], index=features.index, dtype=object
+    )
+    return features
+
+
+def _shift_summary(bridge: Any, attribution: Any, features: pd.DataFrame) -> dict[str, Any]:
+    """How much the fine-tune moved the hook's residual stream, and towards which tokens."""
+    from ._lens import decode_tokens, logit_lens
+
+    norm = float(np.linalg.norm(attribution.mean_shift))
+    summary: dict[str, Any] = {
+        "norm": norm,
+        "explained": attribution.explained,
+        "n_directions": len(attribution.support),
+        "directions": [int(f) for f in attribution.support[:10]],
+        "promoted": [],
+        "suppressed": [],
+    }
+    if norm > 0:
+        lens = logit_lens(bridge, torch.as_tensor(attribution.mean_shift)[None, :], k=10)
+        summary["promoted"] = decode_tokens(bridge.tokenizer, lens.top[0].tolist())
+        summary["suppressed"] = decode_tokens(bridge.tokenizer, lens.bottom[0].tolist())
+    return summary

@@ -53,14 +53,32 @@ def frame_to_json(frame: pd.DataFrame) -> dict[str, list[Any]]:
     return columns
 
 
-def _frame_from_json(payload: dict[str, Any], name: str, columns: tuple[str, ...], path: Path):
+def _frame_from_json(
+    payload: dict[str, Any],
+    name: str,
+    columns: tuple[str, ...],
+    path: Path,
+    optional: tuple[str, ...] = (),
+):
     data = payload.get(name)
+    missing = [column for column in optional if isinstance(data, dict) and column not in data]
+    if missing and data:  # an older file: the columns added since read as null
+        first = next(iter(data.values()))
+        length = len(first) if isinstance(first, list) else 0
+        data = {**data, **{column: [None] * length for column in missing}}
     if not isinstance(data, dict) or set(data) != set(columns):
         raise AquinError(f"{path}: '{name}' must have the columns {list(columns)}")
     lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
     if len(lengths) > 1 or -1 in lengths:
         raise AquinError(f"{path}: the columns of '{name}' must be lists of one length")
-    return pd.DataFrame(data, columns=list(columns))
+    return pd.DataFrame({column: _column(data[column]) for column in columns})
+
+
+def _column(values: list[Any]) -> Any:
+    """Text with gaps stays ``object`` so a gap reads back as ``None``, not NaN."""
+    if any(v is None for v in values) and any(isinstance(v, str) for v in values):
+        return pd.Series(values, dtype=object)
+    return values
 
 
 def read_payload(path: str | Path, kind: str) -> dict[str, Any]:
@@ -94,6 +112,8 @@ class Result:
     kind: ClassVar[str]
     verb: ClassVar[str]
     frames: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Columns added since schema_version 1 was first written: older files lack them.
+    optional_columns: ClassVar[tuple[str, ...]] = ()
     summary: dict[str, Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -106,7 +126,7 @@ class Result:
     @classmethod
     def _from_payload(cls: type[R], payload: dict[str, Any], path: Path) -> R:
         frames = {
-            name: _frame_from_json(payload, name, columns, path)
+            name: _frame_from_json(payload, name, columns, path, cls.optional_columns)
             for name, columns in cls.frames.items()
         }
         return cls(summary=payload["summary"], **frames)  # type: ignore[call-arg]
@@ -146,10 +166,13 @@ class Result:
 
 FEATURE_COLUMNS = (
     "feature",
+    "label",
     "base",
     "checkpoint",
     "delta",
     "abs_delta",
+    "shift",
+    "shift_q",
     "base_freq",
     "checkpoint_freq",
     "p_value",
@@ -159,9 +182,11 @@ FEATURE_COLUMNS = (
 # The columns a reader sees first, in the CLI table and on the card.
 DISPLAY_COLUMNS = (
     "feature",
+    "label",
     "base",
     "checkpoint",
     "delta",
+    "shift",
     "base_freq",
     "checkpoint_freq",
     "p_value",
@@ -183,8 +208,15 @@ class SaeDiff(Result):
 
     ========================  ===========================================================
     ``feature``               feature index in the SAE
+    ``label``                 what the feature is about, in words (an imported Neuronpedia
+                              explanation, else an offline label; ``None`` for features
+                              the diff did not label, see `aquin_nb.labels`)
     ``base``, ``checkpoint``  mean activation per token over all probe tokens (no BOS/pad)
     ``delta``, ``abs_delta``  ``checkpoint - base`` and its absolute value
+    ``shift``                 how far the fine-tune pushed the residual stream along this
+                              feature's unit decoder direction (a sparse decomposition of
+                              the mean shift, see `aquin_nb._shift`); 0 outside the support
+    ``shift_q``               BH-adjusted p-value of ``shift`` (t-test across prompts)
     ``base_freq``,            fraction of probe tokens on which the feature fires (> 0)
     ``checkpoint_freq``
     ``p_value``               two-sided paired t-test across prompts on per-prompt means
@@ -200,15 +232,23 @@ class SaeDiff(Result):
     kind: ClassVar[str] = "sae_diff"
     verb: ClassVar[str] = "sae_diff"
     frames: ClassVar[dict[str, tuple[str, ...]]] = {"features": FEATURE_COLUMNS}
+    optional_columns: ClassVar[tuple[str, ...]] = ("label", "shift", "shift_q")
 
     summary: dict[str, Any]
     features: pd.DataFrame
     views: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
     live: Any = field(default=None, repr=False)
 
-    def top(self, k: int = 20) -> pd.DataFrame:
-        """The ``k`` features with the largest ``|delta|``."""
-        return self.features.head(k).reset_index(drop=True)
+    def top(self, k: int = 20, by: str = "abs_delta") -> pd.DataFrame:
+        """The ``k`` features with the largest ``|delta|`` (``by="abs_delta"``), or the
+        ``k`` directions the fine-tune pushed hardest (``by="shift"``, by ``|shift|``)."""
+        if by == "abs_delta":
+            return self.features.head(k).reset_index(drop=True)
+        if by != "shift":
+            raise AquinError(f"by must be 'abs_delta' or 'shift', got {by!r}")
+        order = self.features.assign(_size=self.features["shift"].abs().fillna(0.0))
+        order = order.sort_values(["_size", "feature"], ascending=[False, True], kind="stable")
+        return order.drop(columns="_size").head(k).reset_index(drop=True)
 
     def changed(self) -> pd.DataFrame:
         """Only the features that count as changed."""
@@ -485,9 +525,91 @@ class Simulation(Result):
         )
 
 
+# ----------------------------------------------------------------------------- model diff
+
+TOKEN_COLUMNS = ("prompt", "position", "token", "context", "kl", "base_next", "checkpoint_next")
+PROMPT_COLUMNS = ("prompt", "text", "mean_kl", "max_kl", "n_tokens")
+LAYER_COLUMNS = ("layer", "rel_drift", "cosine")
+PROMOTED_COLUMNS = ("layer", "direction", "rank", "token", "token_id", "cosine", "logit")
+MODULE_COLUMNS = ("module", "shape", "rel_change", "abs_change", "stable_rank", "changed")
+
+
+@dataclass(frozen=True, eq=False)
+class ModelDiff(Result):
+    """What a fine-tune changed without a dictionary: KL, layer drift, promoted tokens, weights.
+
+    ``summary``: ``model``, ``checkpoint``, ``name``, ``n_prompts``, ``n_tokens``,
+    ``mean_kl``, ``max_kl``, ``n_layers``, ``suggested_layer`` (the first layer
+    whose drift reaches ``drift_threshold``, else the most-moved layer, ``None``
+    when nothing moved) with ``suggestion`` (why, in words), ``n_modules``,
+    ``n_modules_changed``, ``tool_version``.
+
+    ============  ==============================================================
+    ``tokens``    the positions where the next-token distribution changed most:
+                  ``prompt``, ``position``, ``token`` (the token read there),
+                  ``context`` (up to 8 tokens before it, the token in ⟦ ⟧),
+                  ``kl`` (KL(base ‖ checkpoint) of the next-token
+                  distributions), ``base_next`` / ``checkpoint_next`` (each
+                  model's most likely next token); largest ``kl`` first
+    ``prompts``   per prompt: ``prompt``, ``text`` (first 200 characters),
+                  ``mean_kl`` and ``max_kl`` over its real non-BOS positions,
+                  ``n_tokens``
+    ``layers``    per block: ``layer``, ``rel_drift`` (mean ‖Δx‖/‖x‖ of the
+                  residual stream after that block), ``cosine`` (mean cosine of
+                  base and checkpoint activations)
+    ``promoted``  per layer that moved: ``layer``, ``direction`` (``promoted`` or
+                  ``suppressed``), ``rank``, ``token``, ``token_id``, ``cosine``
+                  (of the mean activation difference, through the final norm,
+                  with the token's unembedding row; the ranking), ``logit`` (the
+                  token's logit for that normalised difference): the logit lens
+                  of the mean activation difference
+    ``modules``   per parameter tensor: ``module`` (its Hugging Face name),
+                  ``shape``, ``rel_change`` (‖ΔW‖_F/‖W‖_F; ``None`` when W is
+                  zero and changed), ``abs_change`` (‖ΔW‖_F), ``stable_rank``
+                  (‖ΔW‖_F²/σ_max², matrices only), ``changed``; most changed first
+    ============  ==============================================================
+    """
+
+    kind: ClassVar[str] = "model_diff"
+    verb: ClassVar[str] = "model_diff"
+    frames: ClassVar[dict[str, tuple[str, ...]]] = {
+        "tokens": TOKEN_COLUMNS,
+        "prompts": PROMPT_COLUMNS,
+        "layers": LAYER_COLUMNS,
+        "promoted": PROMOTED_COLUMNS,
+        "modules": MODULE_COLUMNS,
+    }
+
+    summary: dict[str, Any]
+    tokens: pd.DataFrame
+    prompts: pd.DataFrame
+    layers: pd.DataFrame
+    promoted: pd.DataFrame
+    modules: pd.DataFrame
+
+    def promoted_at(self, layer: int | None = None, direction: str = "promoted") -> list[str]:
+        """The tokens pushed ``direction`` at ``layer`` (default: the last layer)."""
+        layer = self.summary["n_layers"] - 1 if layer is None else layer
+        rows = self.promoted[
+            (self.promoted["layer"] == layer) & (self.promoted["direction"] == direction)
+        ]
+        return rows.sort_values("rank")["token"].tolist()
+
+    def changed_modules(self) -> pd.DataFrame:
+        return self.modules[self.modules["changed"]].reset_index(drop=True)
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"ModelDiff({s['model']} vs {s['name']}: mean KL {s['mean_kl']:.4g} (max "
+            f"{s['max_kl']:.4g}) over {s['n_tokens']} tokens, {s['n_modules_changed']}/"
+            f"{s['n_modules']} tensors changed, suggested layer {s['suggested_layer']})"
+        )
+
+
 # ----------------------------------------------------------------------------- sae trajectory
 
-TRAJECTORY_STEP_COLUMNS = ("step", "feature", "delta", "q_value", "changed")
+TRAJECTORY_STEP_COLUMNS = ("step", "feature", "delta", "shift", "q_value", "changed")
 PER_STEP_COLUMNS = (
     "step",
     "name",
@@ -495,6 +617,7 @@ PER_STEP_COLUMNS = (
     "n_changed",
     "mean_abs_delta",
     "max_abs_delta",
+    "shift_norm",
     "fit_verdict",
     "explained_variance",
     "l0",
@@ -509,6 +632,7 @@ _TRAJECTORY_DTYPES: dict[str, dict[str, Any]] = {
         "step": "int64",
         "feature": "int64",
         "delta": "float64",
+        "shift": "float64",
         "q_value": "float64",
         "changed": "bool",
     },
@@ -519,6 +643,7 @@ _TRAJECTORY_DTYPES: dict[str, dict[str, Any]] = {
         "n_changed": "int64",
         "mean_abs_delta": "float64",
         "max_abs_delta": "float64",
+        "shift_norm": "float64",
         "fit_verdict": object,
         "explained_variance": "float64",
         "l0": "float64",
@@ -552,6 +677,7 @@ class SaeTrajectory(Result):
 
     ``summary`` (plain JSON types): ``model``, ``hook``, ``layer``, ``n_features``,
     ``n_prompts``, ``n_tokens``, ``name``, ``source`` (the checkpoints as given),
+    ``labels`` (``{feature: label}`` for the tracked features, as `SaeDiff` labels them),
     ``n_steps``, ``first_step``, ``last_step``, ``n_ever_changed``, ``worst_fit``
     (the worst per-step verdict), ``fit_base`` (the base's fit figures, computed
     once), ``criteria`` (as in `SaeDiff`), ``tracking`` (``top_k``,
@@ -560,9 +686,11 @@ class SaeTrajectory(Result):
 
     ``steps``, the long table: one row per step and *tracked* feature, sorted by
     step then feature: ``step``, ``feature``, ``delta`` (checkpoint minus base
-    token-mean activation), ``q_value``, ``changed`` (the same test as `SaeDiff`).
-    A feature is tracked from the first step at which it is among that step's
-    ``top_k`` features by ``|delta|`` (with ``|delta| > 0``) or counts as changed,
+    token-mean activation), ``shift`` (its coefficient in the decomposition of the
+    mean residual shift, as `SaeDiff`'s ``shift``), ``q_value``, ``changed`` (the
+    same test as `SaeDiff`). A feature is tracked from the first step at which it
+    is among that step's ``top_k`` features by ``|delta|`` or by ``|shift|`` (non-zero)
+    or counts as changed,
     and gets a row at every step from then on. At most ``max_features`` features
     are tracked: a step's top ``top_k`` enter while fewer are tracked, its other
     changed features (by ``|delta|``) only while fewer than half are, so the
@@ -572,7 +700,8 @@ class SaeTrajectory(Result):
 
     ``per_step``: one row per checkpoint: ``step``, ``name``, ``checkpoint``,
     ``n_changed``, ``mean_abs_delta``, ``max_abs_delta`` (over all features, not
-    only tracked ones), ``fit_verdict`` (pass/warn/fail, as `SaeDiff`'s fit),
+    only tracked ones), ``shift_norm`` (the norm of the mean residual shift at the
+    hook), ``fit_verdict`` (pass/warn/fail, as `SaeDiff`'s fit),
     the checkpoint's ``explained_variance``, ``l0``, ``ce_loss_recovered``,
     ``kl_div_score`` (NaN where not measured) and ``fit_warning`` (or None).
 
@@ -627,6 +756,14 @@ class SaeTrajectory(Result):
         peak = peak.groupby("feature")["abs_delta"].max().reset_index()
         peak = peak.sort_values(["abs_delta", "feature"], ascending=[False, True], kind="stable")
         return [int(f) for f in peak["feature"].head(k)]
+
+    def describe_step(self, step: int) -> str:
+        """One line on ``step``: what `watch` prints as each checkpoint is diffed."""
+        row = self.per_step.set_index("step").loc[step]
+        return (
+            f"step {step} ({row['name']}): {row['n_changed']} features changed, max |Δ| "
+            f"{row['max_abs_delta']:.4g}, fit {row['fit_verdict']}"
+        )
 
     def wide(self, value: str = "delta", features: list[int] | None = None) -> pd.DataFrame:
         """Features x steps of ``value`` (``delta``, ``q_value`` or ``changed``); NaN where

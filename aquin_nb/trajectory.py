@@ -6,8 +6,9 @@ returns one `SaeDiff`. Here the base model's activations, features and fit are
 computed once; then the checkpoints stream through one at a time, each loaded,
 compared with the stored base side and freed before the next, so memory is the
 base plus one checkpoint whatever the number of checkpoints (the base side it
-keeps is each prompt's mean feature activation, ``[prompts, d_sae]``, which
-does not grow with the tokens or the checkpoints). With ``backend="ray"`` the
+keeps is each prompt's mean feature activation, ``[prompts, d_sae]``, and
+residual sum, ``[prompts, d_model]``, for the shift decomposition; neither grows
+with the tokens or the checkpoints). With ``backend="ray"`` the
 checkpoints and prompt shards are mapped over Ray tasks and their sums merged.
 
 Example:
@@ -21,11 +22,14 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -45,6 +49,7 @@ from ._fit import FAST_PROMPTS
 from ._metrics import find_metrics, read_metrics
 from ._passes import BasePass, CheckpointPass, Shard, base_pass, checkpoint_pass
 from ._quiet import quiet_unless_progress
+from ._shift import attribute
 from ._track import DEFAULT_MAX_FEATURES, DEFAULT_TOP_K, add_step, empty_trajectory
 from ._verbs import verb
 from .results import SaeTrajectory
@@ -128,6 +133,7 @@ class Comparison:
             "n_tokens": self.base.features.n_tokens,
             "name": name,
             "source": source,
+            "labels": {},
             "fit_base": {
                 **self.base_fit,
                 "mode": self.fit_mode,
@@ -180,7 +186,12 @@ class Comparison:
         self, trajectory: SaeTrajectory, ref: CheckpointRef, result: CheckpointPass
     ) -> SaeTrajectory:
         """``trajectory`` with ``ref``'s step added from its pass."""
-        frame = feature_frame(result.features, self.fdr, self.min_rel_delta, self.min_abs_delta)
+        attribution = attribute(
+            result.residual.shift_from(self.base.residual), self.prepared.sae.W_dec
+        )
+        frame = feature_frame(
+            result.features, self.fdr, self.min_rel_delta, self.min_abs_delta, attribution
+        )
         checkpoint_side = fit_side(
             result.fit,
             result.features.checkpoint_fires,
@@ -204,7 +215,21 @@ class Comparison:
             checkpoint=ref.where,
             frame=frame,
             fit=report,
+            shift_norm=float(np.linalg.norm(attribution.mean_shift)),
         )
+
+    def labelled(self, trajectory: SaeTrajectory) -> SaeTrajectory:
+        """``trajectory`` with ``summary["labels"]`` for every tracked feature (offline labels:
+        an imported explanation, else the decoder row's logit lens, as `sae_diff` labels)."""
+        from .labels import feature_labels
+
+        known = {int(k): v for k, v in (trajectory.summary.get("labels") or {}).items()}
+        tracked = [int(f) for f in pd.unique(trajectory.steps["feature"])]
+        missing = [f for f in tracked if f not in known]
+        if missing:
+            known.update(feature_labels(self.prepared.base, self.prepared.sae, missing))
+        labels = {str(f): known[f] for f in tracked if known.get(f)}
+        return dataclasses.replace(trajectory, summary={**trajectory.summary, "labels": labels})
 
     def sae_copy(self) -> Any:
         """The SAE on the CPU, for shipping to workers (the prepared one stays put)."""
@@ -322,4 +347,4 @@ def sae_trajectory(
     passes = comparison.passes(refs)
     for ref, result in tqdm(passes, total=len(refs), desc="sae trajectory", disable=not progress):
         trajectory = comparison.add(trajectory, ref, result)
-    return trajectory
+    return comparison.labelled(trajectory)

@@ -133,7 +133,7 @@ def _diff_new_checkpoint(
                 f"checkpoint {checkpoint} (step {step}) was deleted while it was being read"
             ) from None
         raise
-    return comparison.add(trajectory, ref, result)
+    return comparison.labelled(comparison.add(trajectory, ref, result))
 
 
 @quiet_unless_progress

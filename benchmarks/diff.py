@@ -2,7 +2,7 @@
 
     python benchmarks/diff.py [--repeats 3] [--prompts-scale 10]
 
-* ours: ``aquin_nb.sae_diff`` with both models already loaded (loading is the
+* ours: ``aquin_nb.sae_diff(fit="off")`` with both models already loaded (loading is the
   same for every route and is left out).
 * floor: the two truncated forwards plus the SAE encode, and nothing else.
 * naive: SAELens ``HookedSAETransformer.run_with_cache_with_saes`` (full forward)
@@ -104,7 +104,7 @@ def main() -> None:
         )
 
         def ours() -> None:
-            sae_diff(base, ckpt, prompts=prompt_list, sae=sae, progress=False)
+            sae_diff(base, ckpt, prompts=prompt_list, sae=sae, fit="off", progress=False)
 
         def floor() -> None:
             for batch in token_batches(token_lists, batch_size=16, skip_first=True):

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def real_finetune(rows, lr: float, steps: int, batch_size: int, out: Path) -> Path:
     from aquin_nb import Run
+    from aquin_nb._rows import batches_of, encode_rows
     from aquin_nb.models import load_hf_model
-    from aquin_nb.simulate import batches_of, encode_rows
 
     torch.manual_seed(0)
     model, tokenizer, _ = load_hf_model("tiny-gpt2")
@@ -72,7 +72,7 @@ def main() -> None:
 
     from aquin_nb import sae_diff
     from aquin_nb.demo.finetune import FINETUNE_DATA
-    from aquin_nb.simulate import simulate
+    from aquin_nb.simulation import simulate
 
     rows = [json.loads(line) for line in FINETUNE_DATA.read_text().splitlines()][: args.rows]
     start = time.perf_counter()

@@ -1,6 +1,7 @@
 // aquin_nb web mirror: one session's sync rows, updated live over server-sent events.
 // An expanded row shows the invocation's card, drawn by the notebook widget's own
-// card.js through a small model that holds the card spec.
+// card.js through a small model that holds the card spec. Everything from events
+// reaches the page through textContent and dataset, never as HTML.
 
 import card from "./card.js";
 
@@ -102,7 +103,7 @@ function update(event) {
   row.dataset.history = history.join(" ");
   row.dataset.status = status;
   row.dataset.tool = event.tool;
-  row.querySelector(".aquin-status").textContent = LABELS[status] || status;
+  row.querySelector(".aquin-status").textContent = Object.hasOwn(LABELS, status) ? LABELS[status] : status;
   row.querySelector(".aquin-tool").textContent = event.tool;
   if (event.name) row.querySelector(".aquin-name").textContent = event.name;
   const duration = event.duration_s;

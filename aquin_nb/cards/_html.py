@@ -100,11 +100,18 @@ def _table(table: dict[str, Any], labels: dict[str, str] | None = None) -> str:
     )
 
 
-def diverging_bars_svg(bars: list[dict[str, Any]], width: int = 460, row: int = 15) -> str:
-    """Horizontal bars around a zero line: rising features red to the right, falling blue."""
+def diverging_bars_svg(
+    bars: list[dict[str, Any]], width: int = 460, row: int = 15, label_width: int = 60
+) -> str:
+    """Horizontal bars around a zero line: rising features red to the right, falling blue.
+
+    Each bar is ``{"feature", "delta"}``, with an optional ``label`` drawn instead
+    of the feature id.
+    """
     if not bars:
         return ""
-    label_width, half = 60, (width - 60) / 2
+    width = max(width, label_width + 200)
+    half = (width - label_width) / 2
     extent = max(abs(bar["delta"]) for bar in bars) or 1.0
     height = row * len(bars) + 4
     zero = label_width + half
@@ -114,13 +121,14 @@ def diverging_bars_svg(bars: list[dict[str, Any]], width: int = 460, row: int = 
         x = zero if bar["delta"] > 0 else zero - length
         color = "#d64550" if bar["delta"] > 0 else "#3b7dd8"
         y = index * row + 2
+        name = bar.get("label", f"feature {bar['feature']}")
         shapes.append(
             f'<rect x="{x:.1f}" y="{y}" width="{length:.1f}" height="{row - 3}" fill="{color}">'
-            f"<title>feature {_escape(bar['feature'])}: Δ {bar['delta']:.4g}</title></rect>"
+            f"<title>{_escape(name)}: {bar['delta']:.4g}</title></rect>"
         )
         shapes.append(
             f'<text x="{label_width - 4}" y="{y + row - 5}" text-anchor="end">'
-            f"{_escape(bar['feature'])}</text>"
+            f"{_escape(bar.get('label', bar['feature']))}</text>"
         )
     return (
         f'<svg class="aquin-bars" width="{width}" height="{height}" '
@@ -303,7 +311,9 @@ def line_svg(section: dict[str, Any], width: int = 460, height: int = 120) -> st
 
 
 _SVG = {
-    "bars": lambda section: diverging_bars_svg(section["bars"]),
+    "bars": lambda section: diverging_bars_svg(
+        section["bars"], label_width=int(section.get("label_width", 60))
+    ),
     "histogram": histogram_svg,
     "heatmap": heatmap_svg,
     "line": line_svg,
@@ -325,14 +335,21 @@ def live_spec(spec: dict[str, Any]) -> dict[str, Any]:
             continue
         try:
             section["svg"] = _SVG[section["type"]](section)
-        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as problem:
+        except (
+            KeyError,
+            TypeError,
+            ValueError,
+            IndexError,
+            ZeroDivisionError,
+            OverflowError,
+        ) as problem:
             section["error"] = f"cannot draw this chart: {type(problem).__name__}"
     return spec
 
 
 def _section(section: dict[str, Any], labels: dict[str, str] | None = None) -> str:
     body = {
-        "bars": lambda: diverging_bars_svg(section["bars"]),
+        "bars": lambda: _SVG["bars"](section),
         "table": lambda: _table(section, labels),
         "histogram": lambda: histogram_svg(section),
         "heatmap": lambda: heatmap_svg(section),

@@ -355,6 +355,12 @@ def sae_trajectory_spec(trajectory: Any, rows: int = TABLE_ROWS) -> dict[str, An
         headline.append("no checkpoint diffed yet")
     top = trajectory.top(HEATMAP_FEATURES)
     first = trajectory.first_changed()
+    labels = s.get("labels") or {}
+
+    def named(feature: int) -> str:
+        label = labels.get(str(feature))
+        return f"feature {feature} · {label}" if label else f"feature {feature}"
+
     firsts = [f"{f} at step {first[f]}" for f in top[:LINE_FEATURES] if f in first]
     if firsts:
         headline.append("first changed: " + ", ".join(firsts))
@@ -367,7 +373,7 @@ def sae_trajectory_spec(trajectory: Any, rows: int = TABLE_ROWS) -> dict[str, An
             by_step = dict(zip(rows_of["step"].tolist(), rows_of["delta"].tolist(), strict=True))
             shown = _evenly(steps, LINE_POINTS)
             series.append(
-                {"name": f"feature {feature}", "x": shown, "y": [by_step.get(x) for x in shown]}
+                {"name": named(feature), "x": shown, "y": [by_step.get(x) for x in shown]}
             )
         sections.append(
             {
@@ -448,6 +454,7 @@ def sae_trajectory_spec(trajectory: Any, rows: int = TABLE_ROWS) -> dict[str, An
         "n_changed",
         "mean_abs_delta",
         "max_abs_delta",
+        "shift_norm",
         "fit_verdict",
         "explained_variance",
         "ce_loss_recovered",
@@ -459,13 +466,17 @@ def sae_trajectory_spec(trajectory: Any, rows: int = TABLE_ROWS) -> dict[str, An
     sections.append(
         {"type": "table", "title": "Fit per step", "columns": step_columns, "rows": step_rows}
     )
-    feature_columns = list(trajectory.features.columns)
+    feature_columns = ["feature", "label", *list(trajectory.features.columns)[1:]]
+    feature_rows = [
+        {"label": labels.get(str(row["feature"])), **row}
+        for row in _records(trajectory.features.head(rows), list(trajectory.features.columns))
+    ]
     sections.append(
         {
             "type": "table",
             "title": "Features by first changed step",
             "columns": feature_columns,
-            "rows": _records(trajectory.features.head(rows), feature_columns),
+            "rows": feature_rows,
             "select": "feature",
         }
     )
@@ -478,6 +489,75 @@ def sae_trajectory_spec(trajectory: Any, rows: int = TABLE_ROWS) -> dict[str, An
     return spec
 
 
+def model_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
+    s = diff.summary
+    last = s["n_layers"] - 1
+    suggested = s["suggested_layer"]
+    headline = [
+        f"mean KL {s['mean_kl']:.4g} (max {s['max_kl']:.4g}) over {s['n_tokens']} tokens; "
+        f"{s['n_modules_changed']} of {s['n_modules']} tensors changed",
+        s["suggestion"],
+    ]
+    for layer in dict.fromkeys(x for x in (suggested, last) if x is not None):
+        tokens = diff.promoted_at(layer)
+        if tokens:
+            headline.append(f"layer {layer} pushes towards: {' · '.join(tokens[:6])}")
+    chips = [
+        {"label": "model", "value": s["model"]},
+        {"label": "checkpoint", "value": s["name"]},
+        {"label": "prompts", "value": s["n_prompts"]},
+        {"label": "tokens", "value": s["n_tokens"]},
+        {"label": "mean KL", "value": f"{s['mean_kl']:.4g}"},
+        {"label": "max KL", "value": f"{s['max_kl']:.4g}"},
+        {"label": "tensors changed", "value": f"{s['n_modules_changed']} / {s['n_modules']}"},
+        {"label": "look at layer", "value": "—" if suggested is None else suggested},
+    ]
+    layers = diff.layers
+    changed = diff.changed_modules().head(BAR_FEATURES)
+    bars = [
+        {"feature": index, "label": module[-32:], "delta": float(change)}
+        for index, (module, change) in enumerate(
+            zip(changed["module"], changed["abs_change"], strict=True)
+        )
+    ]
+    shown = last if suggested is None else suggested
+    promoted = diff.promoted[diff.promoted["layer"] == shown]
+    token_columns = ["context", "kl", "base_next", "checkpoint_next", "prompt"]
+    return _card(
+        "model_diff",
+        f"{s['model']} vs {s['name']}",
+        headline,
+        chips,
+        sections=[
+            {
+                "type": "line",
+                "title": "Drift of the residual stream after each block (‖Δx‖/‖x‖)",
+                "x": [int(x) for x in layers["layer"]],
+                "y": [float(y) for y in layers["rel_drift"]],
+                "x_label": "layer",
+            },
+            {
+                "type": "bars",
+                "title": "Most changed tensors (‖ΔW‖_F)",
+                "bars": bars,
+                "label_width": 220,
+            },
+            {
+                "type": "table",
+                "title": "Where the next-token distribution changed most (KL)",
+                "columns": token_columns,
+                "rows": _records(diff.tokens.head(rows), token_columns),
+            },
+            {
+                "type": "table",
+                "title": f"Logit lens of the mean activation difference at layer {shown}",
+                "columns": ["direction", "rank", "token", "cosine", "logit"],
+                "rows": _records(promoted, ["direction", "rank", "token", "cosine", "logit"]),
+            },
+        ],
+    )
+
+
 SPECS: dict[str, Callable[..., dict[str, Any]]] = {
     "sae_diff": sae_diff_spec,
     "sae_align": sae_align_spec,
@@ -485,6 +565,7 @@ SPECS: dict[str, Callable[..., dict[str, Any]]] = {
     "capture": capture_spec,
     "simulation": simulation_spec,
     "sae_trajectory": sae_trajectory_spec,
+    "model_diff": model_diff_spec,
 }
 
 

@@ -1,6 +1,7 @@
 """``aquin-nb demo``: the main job on the embedded default, offline.
 
-Fine-tunes tiny-gpt2 with the LoRA fixture, runs ``sae_diff`` on the result with
+Fine-tunes tiny-gpt2 with the LoRA fixture, runs ``model_diff`` (where the
+fine-tune acts, without a dictionary) and ``sae_diff`` on the result with
 the shipped probes, trains a temporary SAE on the checkpoint (warm-started from
 the public one), aligns the two dictionaries, and writes ``demo_out/``: one JSON
 per result and ``report.html`` with their cards.
@@ -20,7 +21,8 @@ from typing import Any
 
 from ..align import sae_align
 from ..diff import sae_diff
-from ..results import SaeAlign, SaeDiff, TrainedSae
+from ..modeldiff import model_diff
+from ..results import ModelDiff, SaeAlign, SaeDiff, TrainedSae
 from ..train import sae_train
 from .finetune import finetune_lora
 
@@ -28,6 +30,7 @@ from .finetune import finetune_lora
 @dataclass(frozen=True)
 class DemoResult:
     checkpoint: Path
+    signals: ModelDiff
     diff: SaeDiff
     trained: TrainedSae
     align: SaeAlign
@@ -39,6 +42,8 @@ def run_demo(
 ) -> DemoResult:
     out = Path(out)
     checkpoint = finetune_lora("tiny-gpt2", run_dir=out / "run", steps=steps, progress=progress)
+    # Where to look first, without a dictionary; then the SAE features at that layer.
+    signals = model_diff("tiny-gpt2", checkpoint, name="cooking-lora", progress=progress)
     diff = sae_diff("tiny-gpt2", checkpoint, name="cooking-lora", progress=progress)
     diff = diff.with_token_views()  # the report shows where the top features fire
     trained = sae_train(
@@ -52,6 +57,7 @@ def run_demo(
     )
     align = sae_align("tiny-gpt2", trained.summary["path"], progress=progress)
     results: list[tuple[str, Any]] = [
+        ("model_diff", signals),
         ("sae_diff", diff),
         ("sae_train", trained),
         ("sae_align", align),
@@ -64,5 +70,10 @@ def run_demo(
     else:
         written.append(write_report(out / "report.html", [result for _, result in results]))
     return DemoResult(
-        checkpoint=checkpoint, diff=diff, trained=trained, align=align, written=written
+        checkpoint=checkpoint,
+        signals=signals,
+        diff=diff,
+        trained=trained,
+        align=align,
+        written=written,
     )

@@ -90,8 +90,9 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
     assert "nChanged=" in out
     assert "[sae train]" in out and "[sae align]" in out
     wrote = [line for line in out.splitlines() if line.startswith("wrote ")]
-    assert len(wrote) == len(set(wrote)) == 4  # three JSON results and the report, once each
-    for name in ("sae_diff.json", "sae_train.json", "sae_align.json"):
+    assert len(wrote) == len(set(wrote)) == 5  # four JSON results and the report, once each
+    assert "[model diff]" in out
+    for name in ("model_diff.json", "sae_diff.json", "sae_train.json", "sae_align.json"):
         assert (tmp_path / "demo" / name).is_file()
     assert "aquin-card" in (tmp_path / "demo" / "report.html").read_text()
     assert (tmp_path / "demo" / "run" / "checkpoints" / "checkpoint.pt").is_file()

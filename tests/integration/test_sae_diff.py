@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from aquin_nb import AquinError, SaeDiff, sae_diff
+from aquin_nb import AquinError, SaeDiff, load_model, sae_diff
 from aquin_nb.cli import main
 
 from ..conftest import plant, self_selective_features
@@ -30,7 +30,10 @@ def test_planted_feature_ranks_first(planted_diff, planted_feature):
     assert planted_diff.summary["n_changed"] >= 1
 
 
-def test_planted_change_is_found_for_other_features(tmp_path, base_state, tiny_sae):
+def test_a_self_selective_plant_ranks_first_by_abs_delta(tmp_path, base_state, tiny_sae):
+    """About encoder selectivity itself: a feature whose encoder answers its own decoder
+    direction most (about 90% of the embedded SAE's) rises most when that direction is
+    planted. For the others |Δ| need not, which is why `shift` exists (next test)."""
     features = random.Random(0).sample(self_selective_features(tiny_sae), 3)
     for feature in features:
         path = tmp_path / f"planted_{feature}.pt"
@@ -39,10 +42,39 @@ def test_planted_change_is_found_for_other_features(tmp_path, base_state, tiny_s
         assert int(diff.top(1).loc[0, "feature"]) == feature
 
 
+PLANT_ALPHA = 8.0  # about 30% of the mean residual norm at blocks.2.hook_resid_pre (27.5)
+
+
+def test_a_planted_direction_ranks_first_by_shift(tmp_path, base_state, tiny_sae, copy_pt):
+    """20 features drawn at random from every feature that fires on the probes, none
+    filtered: α·d_f (d_f the unit decoder row, centred as the SAE's numerics centre
+    writing weights) added to block 1's MLP output bias moves the hook by exactly that."""
+    base = load_model("tiny-gpt2")
+    firing = sae_diff(base, copy_pt, fit="off", progress=False).features
+    population = sorted(int(f) for f in firing.loc[firing["base_freq"] > 0, "feature"])
+    drawn = random.Random(12).sample(population, 20)
+    first = []
+    for feature in drawn:
+        direction = tiny_sae.W_dec[feature].detach().clone()
+        direction -= direction.mean()
+        planted = {k: v.clone() for k, v in base_state.items()}
+        planted["transformer.h.1.mlp.c_proj.bias"] += PLANT_ALPHA * direction / direction.norm()
+        path = tmp_path / "planted_direction.pt"
+        torch.save(planted, path)
+        diff = sae_diff(base, path, fit="off", progress=False)
+        top = diff.top(1, by="shift")
+        first.append(int(top.loc[0, "feature"]) == feature)
+        assert diff.summary["shift"]["norm"] == pytest.approx(PLANT_ALPHA, rel=1e-3)
+    print(f"planted direction first by shift in {sum(first)} of 20 draws")
+    assert sum(first) >= 19, [f for f, ok in zip(drawn, first, strict=True) if not ok]
+
+
 def test_untouched_copy_changes_nothing(copy_pt):
     diff = sae_diff("tiny-gpt2", copy_pt, progress=False)
     assert diff.summary["n_changed"] == 0
     assert diff.summary["max_abs_delta"] == 0.0
+    assert (diff.features["shift"] == 0).all() and (diff.features["shift_q"] == 1).all()
+    assert diff.summary["shift"]["norm"] == 0.0 and diff.summary["shift"]["directions"] == []
     fit = diff.summary["fit"]
     assert fit["base"] == fit["checkpoint"] and fit["warning"] is None
 
@@ -71,10 +103,13 @@ def test_summary_and_columns(planted_diff):
     frame = planted_diff.features
     assert list(frame.columns) == [
         "feature",
+        "label",
         "base",
         "checkpoint",
         "delta",
         "abs_delta",
+        "shift",
+        "shift_q",
         "base_freq",
         "checkpoint_freq",
         "p_value",

@@ -10,7 +10,7 @@ import torch
 from aquin_nb import AquinError
 from aquin_nb.cli import main
 from aquin_nb.demo.finetune import FINETUNE_DATA
-from aquin_nb.simulate import simulate
+from aquin_nb.simulation import simulate
 
 ROWS = [json.loads(line) for line in FINETUNE_DATA.read_text().splitlines()][:24]
 

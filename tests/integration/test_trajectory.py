@@ -109,6 +109,14 @@ def test_a_direction_growing_with_the_step_rises_and_first_changes_where_compute
         assert bool(rows.loc[step, "changed"]) == answers[step]["changed"]
     assert growing.first_changed()[planted_feature] == expected_first
     assert growing.top(1) == [planted_feature]
+    # The residual shift is alpha * step along the planted direction: the decomposition's
+    # coefficient for it grows in proportion, and it leads by |shift| at every step.
+    shifts = growing.steps.assign(size=growing.steps["shift"].abs())
+    leaders = shifts.sort_values("size", ascending=False).groupby("step")["feature"].first()
+    assert set(leaders) == {planted_feature}
+    per_unit = rows["shift"] / rows.index.to_numpy()
+    np.testing.assert_allclose(per_unit, per_unit.iloc[0], rtol=1e-4)
+    assert per_unit.iloc[0] > 0
     per_step = growing.per_step.set_index("step")
     assert list(per_step.index) == list(STEPS)  # checkpoint.pt (the latest copy) is not a step
     assert per_step["max_abs_delta"].is_monotonic_increasing
@@ -122,6 +130,9 @@ def test_the_trajectory_equals_separate_diffs_step_by_step(growing_run, planted_
     theirs = diff.features.set_index("feature").loc[mine.index]
     np.testing.assert_allclose(mine["delta"], theirs["delta"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(mine["q_value"], theirs["q_value"], rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(mine["shift"], theirs["shift"], rtol=1e-5, atol=1e-9)
+    labels = one.summary["labels"]
+    assert labels[str(planted_feature)] == theirs.loc[planted_feature, "label"]
     assert (mine["changed"] == theirs["changed"]).all()
     row = one.per_step.iloc[0]
     assert row["n_changed"] == diff.summary["n_changed"]
@@ -179,7 +190,8 @@ def test_json_round_trip_card_and_metrics_on_the_step_axis(growing, tmp_path, pl
     lines = [s for s in spec["sections"] if s["type"] == "line"]
     assert {tuple(s["x_range"]) for s in lines} == {(0, STEPS[-1])}  # one step axis
     top = lines[0]["series"][0]
-    assert top["name"] == f"feature {planted_feature}" and top["x"] == list(STEPS)
+    label = again.summary["labels"][str(planted_feature)]  # the decoder row's logit lens
+    assert top["name"] == f"feature {planted_feature} · {label}" and top["x"] == list(STEPS)
     assert any(s["title"] == "Training metric: loss" for s in lines)
     heatmap = next(s for s in spec["sections"] if s["type"] == "heatmap")
     assert heatmap["row_labels"][0] == planted_feature and heatmap["column_labels"] == list(STEPS)

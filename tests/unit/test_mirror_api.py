@@ -75,6 +75,10 @@ def test_token_is_generated_once_and_kept(tmp_path):
     assert first.state.token_generated and not second.state.token_generated
     assert first.state.token == second.state.token and len(first.state.token) >= 40
     assert create_app(tmp_path / "m.sqlite", token="explicit").state.token == "explicit"
+    # Kept in a 0600 file beside the database; the database holds only its hash.
+    assert first.state.token_file == tmp_path / "m.sqlite.token"
+    assert first.state.token_file.read_text().strip() == first.state.token
+    assert first.state.token.encode() not in (tmp_path / "m.sqlite").read_bytes()
 
 
 def test_events_are_stored_once_by_event_id(app, client):
@@ -92,8 +96,15 @@ def test_events_are_stored_once_by_event_id(app, client):
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}],
-    ids=["no-token", "wrong-token", "not-bearer"],
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Basic abc"},
+        {"Authorization": "Bearer é".encode()},  # UTF-8 bytes
+        {"Authorization": b"Bearer \xe9\xff"},  # not UTF-8 at all
+        {"Cookie": 'aquin_nb_token="\\351"'},  # a cookie that unquotes to é
+    ],
+    ids=["no-token", "wrong-token", "not-bearer", "non-ascii", "not-utf8", "non-ascii-cookie"],
 )
 def test_writes_without_the_token_get_401_and_store_nothing(app, headers):
     with TestClient(app) as anonymous:
@@ -144,7 +155,25 @@ def _bad_payloads() -> dict[str, tuple[bytes, int]]:
         ),
         "event-over-64KB": (json.dumps({"events": [good, huge]}).encode(), 413),
         "body-over-1MB": (b'{"events": [' + b" " * _events.MAX_REQUEST_BYTES + b"]}", 413),
+        # JSON that Python reads but no other reader agrees on: refused whole.
+        "integer-of-5000-digits": (_with_value(good, "9" * 5000), 400),
+        "integer-over-64-bits": (_with_value(good, str(2**64)), 400),
+        "NaN": (_with_value(good, "NaN"), 400),
+        "Infinity": (_with_value(good, "Infinity"), 400),
+        "minus-Infinity": (_with_value(good, "-Infinity"), 400),
+        "1e999": (_with_value(good, "1e999"), 400),
+        "minus-1e999": (_with_value(good, "-1e999"), 400),
+        "nested-100000-deep": (b"[" * 100_000, 400),
+        "nested-100000-deep-in-an-event": (_with_value(good, "[" * 100_000 + "]" * 100_000), 400),
+        "nested-65-deep-in-an-event": (_with_value(good, "[" * 65 + "]" * 65), 400),
+        "lone-surrogate": (_with_value(good, '"\\ud800"'), 400),
     }
+
+
+def _with_value(event: dict, value: str) -> bytes:
+    """``event`` in a batch with one argument set to ``value``, spelled as raw JSON."""
+    batch = json.dumps({"events": [{**event, "arguments": {"bomb": "HERE"}}]})
+    return batch.replace('"HERE"', value).encode()
 
 
 @pytest.mark.parametrize("case", list(_bad_payloads()))

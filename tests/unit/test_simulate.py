@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aquin_nb import AquinError
-from aquin_nb.simulate import (
+from aquin_nb.simulation import (
     gradient_and_curvature,
     ntk_diagonal_delta,
     read_training_rows,

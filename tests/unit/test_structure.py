@@ -16,7 +16,13 @@ from aquin_nb.results import RESULT_TYPES
 
 PACKAGE = Path(aquin_nb.__file__).resolve().parent
 # Modules that render, deliver or drive; everything else computes.
-NOT_COMPUTATION = ("aquin_nb.cards", "aquin_nb.mirror", "aquin_nb.cli", "aquin_nb.server")
+NOT_COMPUTATION = (
+    "aquin_nb.cards",
+    "aquin_nb.mirror",
+    "aquin_nb.cli",
+    "aquin_nb._cli_commands",
+    "aquin_nb.server",
+)
 LAZY_BY_DESIGN = ("aquin_nb", "aquin_nb.results")
 RENDERING = ("aquin_nb.cards", "aquin_nb.mirror", "plotly", "anywidget", "ipywidgets")
 
@@ -109,6 +115,7 @@ def test_a_listener_sees_one_start_and_one_result_per_verb_and_not_inner_verbs(
     _verbs.add_listener(seen.append)
     try:
         aquin_nb.sae_diff("tiny-gpt2", copy_pt, progress=False)
+        aquin_nb.model_diff("tiny-gpt2", copy_pt, progress=False)
         aquin_nb.sae_align(tiny_sae, tiny_sae, max_features=32, progress=False)
         aquin_nb.capture_activations(
             "tiny-gpt2", output=tmp_path / "cap", layers=[2], count=16, progress=False
@@ -129,8 +136,16 @@ def test_a_listener_sees_one_start_and_one_result_per_verb_and_not_inner_verbs(
             aquin_nb.sae_diff("tiny-gpt2", tmp_path / "missing.pt", progress=False)
     finally:
         _verbs.remove_listener(seen.append)
-    tools = ["sae_diff", "sae_align", "capture_activations", "sae_train", "simulate"]
-    tools += ["sae_trajectory", "sae_diff"]
+    tools = [
+        "sae_diff",
+        "model_diff",
+        "sae_align",
+        "capture_activations",
+        "sae_train",
+        "simulate",
+        "sae_trajectory",
+        "sae_diff",
+    ]
     assert [(e.tool, e.phase) for e in seen] == [
         (tool, phase) for tool in tools for phase in ("start", "result")
     ]
@@ -139,6 +154,7 @@ def test_a_listener_sees_one_start_and_one_result_per_verb_and_not_inner_verbs(
     results = [e.result for e in seen[1::2]]
     assert [type(r).kind for r in results[:-1]] == [
         "sae_diff",
+        "model_diff",
         "sae_align",
         "capture",
         "sae_train",
@@ -206,11 +222,12 @@ def test_results_round_trip_and_render_from_json_without_torch(tmp_path, tiny_sa
     simulation = aquin_nb.simulate(
         "tiny-gpt2", rows, steps=5, output=tmp_path / "s.pt", progress=False
     )
+    model = aquin_nb.model_diff("tiny-gpt2", copy_pt, progress=False)
     trajectory = aquin_nb.sae_trajectory(
         "tiny-gpt2", {0: copy_pt, 5: tmp_path / "s.pt"}, fit="off", progress=False
     )
     paths = {}
-    for result in (diff, capture, trained, align, simulation, trajectory):
+    for result in (diff, capture, trained, align, simulation, model, trajectory):
         path = result.to_json(tmp_path / f"{result.kind}.json")
         again = type(result).from_json(path)
         assert again.summary == json.loads(json.dumps(result.summary))
@@ -225,7 +242,7 @@ def test_results_round_trip_and_render_from_json_without_torch(tmp_path, tiny_sa
     script = RENDER_WITHOUT_TORCH.format(paths=paths)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "rendered 6" in done.stdout
+    assert f"rendered {len(RESULT_TYPES)}" in done.stdout
 
 
 def test_reading_a_result_of_another_kind_or_version_is_a_clear_error(tmp_path, tiny_sae):
@@ -243,3 +260,16 @@ def test_reading_a_result_of_another_kind_or_version_is_a_clear_error(tmp_path, 
     (tmp_path / "c.json").write_text("[" * 100_000)
     with pytest.raises(aquin_nb.AquinError, match="cannot read sae_align result"):
         SaeAlign.from_json(tmp_path / "c.json")
+
+
+def test_every_verb_stays_a_function_after_every_module_is_imported():
+    """A verb module named like its verb would shadow it on the package once imported."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(aquin_nb.__path__, "aquin_nb."):
+        if not module.name.startswith(("aquin_nb.demo.build", "aquin_nb.__main__")):
+            importlib.import_module(module.name)
+    for tool in _verbs.VERBS:
+        assert callable(getattr(aquin_nb, tool)), tool
+        assert getattr(aquin_nb, tool).__module__ != f"aquin_nb.{tool}"

@@ -1,0 +1,108 @@
+"""Which decoder directions did the fine-tune push? A sparse, signed decomposition of the shift.
+
+Ranking features by |Δ| answers "which features read differently". It does not
+answer "which direction did the fine-tune push": a feature whose direction is
+added to the residual stream may sit below its threshold on most tokens, so its
+mean activation barely moves while features that read the direction negatively
+drop. So `sae_diff` also decomposes the mean residual-stream shift at the SAE's
+hook over the SAE's unit decoder directions.
+
+**Method: orthogonal matching pursuit** (scikit-learn's ``orthogonal_mp``), over
+the per-prompt mean shifts (checkpoint − base, BOS and padding excluded):
+
+1. OMP on the mean shift over prompts (each prompt weighted equally) picks at
+   most `MAX_ATOMS` decoder directions greedily, stopping early once they
+   explain 99.9% of the shift's squared norm;
+2. every prompt's shift is then fitted by least squares on that support, so
+   each chosen feature gets one coefficient per prompt; their mean is its
+   ``shift`` (in residual-stream units along the unit decoder direction; by
+   linearity it equals OMP's coefficient), and a two-sided one-sample t-test
+   across prompts gives its p-value, Benjamini–Hochberg adjusted over all
+   features (``shift_q``). Features outside the support get 0 and q = 1.
+
+Why OMP rather than the lasso: a planted direction that is exactly a decoder
+row is recovered exactly, with its full coefficient and no shrinkage; there is
+no penalty to tune; and the support is small and ordered by how much of the
+shift each direction explains. The test is conditional on the selected support.
+Memory holds one shift vector per prompt (``n_prompts × d_model`` float64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+MAX_ATOMS = 32
+EXPLAINED_STOP = 0.999
+
+
+class ShiftStats:
+    """Per-prompt sums of the residual-stream shift at the hook."""
+
+    def __init__(self, n_prompts: int, d_model: int) -> None:
+        self.sums = torch.zeros(n_prompts, d_model, dtype=torch.float64)
+        self.counts = torch.zeros(n_prompts, dtype=torch.float64)
+
+    def update(self, shift: torch.Tensor, prompt_of_token: torch.Tensor) -> None:
+        """``shift`` ``[tokens, d_model]`` (checkpoint − base), each token's prompt index."""
+        prompt_of_token = prompt_of_token.cpu()
+        self.sums.index_add_(0, prompt_of_token, shift.double().cpu())
+        self.counts.index_add_(
+            0, prompt_of_token, torch.ones(len(prompt_of_token), dtype=torch.float64)
+        )
+
+    def per_prompt(self) -> np.ndarray:
+        return (self.sums / self.counts.clamp_min(1)[:, None]).numpy()
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """The decomposition: per-feature ``shift`` and p-values, and how well it fits."""
+
+    shift: np.ndarray  # [d_sae]
+    p_value: np.ndarray  # [d_sae], 1 outside the support
+    support: list[int]  # chosen features, in the order OMP chose them
+    explained: float  # fraction of the mean shift's squared norm explained
+    mean_shift: np.ndarray  # [d_model]
+
+
+def attribute(per_prompt: np.ndarray, decoder: Any, max_atoms: int = MAX_ATOMS) -> Attribution:
+    """Decompose the shifts ``[n_prompts, d_model]`` over ``decoder`` ``[d_sae, d_model]``."""
+    from scipy.stats import ttest_1samp
+    from sklearn.linear_model import orthogonal_mp
+
+    directions = torch.as_tensor(decoder).detach().double().cpu()
+    directions = (directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)).numpy()
+    d_sae = len(directions)
+    mean_shift = per_prompt.mean(0)
+    total = float(mean_shift @ mean_shift)
+    shift, p_value = np.zeros(d_sae), np.ones(d_sae)
+    if total == 0.0:
+        return Attribution(shift, p_value, [], 1.0, mean_shift)
+    atoms = min(max_atoms, directions.shape[1], d_sae)
+    path = orthogonal_mp(
+        directions.T, mean_shift, n_nonzero_coefs=atoms, return_path=True, precompute=False
+    )
+    path = path.reshape(d_sae, -1)
+    steps = path.shape[1]
+    for step in range(steps):  # the shortest prefix of the path that explains enough
+        residual = mean_shift - directions.T @ path[:, step]
+        if 1 - float(residual @ residual) / total >= EXPLAINED_STOP:
+            break
+    chosen = np.flatnonzero(path[:, step])
+    order = sorted(chosen, key=lambda f: int(np.argmax(path[f] != 0)))  # OMP's pick order
+    basis = directions[order].T  # [d_model, |S|]
+    per_prompt_coefficients, *_ = np.linalg.lstsq(basis, per_prompt.T, rcond=None)
+    shift[order] = per_prompt_coefficients.mean(1)
+    spread = per_prompt_coefficients.std(1)
+    for index, feature in enumerate(order):
+        if spread[index] == 0.0:  # identical in every prompt: no doubt, unless it is zero
+            p_value[feature] = 0.0 if shift[feature] != 0.0 else 1.0
+        else:
+            p_value[feature] = float(ttest_1samp(per_prompt_coefficients[index], 0.0).pvalue)
+    residual = mean_shift - basis @ shift[order]
+    explained = 1 - float(residual @ residual) / total
+    return Attribution(shift, p_value, [int(f) for f in order], explained, mean_shift)
