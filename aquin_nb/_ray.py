@@ -24,6 +24,7 @@ runtime_env={"py_modules": [aquin_nb]})`` to ship it.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -122,10 +123,22 @@ class RayRunner:
         return merged
 
     def passes(self, refs: list[CheckpointRef]) -> Iterator[tuple[CheckpointRef, CheckpointPass]]:
-        """Every checkpoint's pass, submitted at once, collected and merged in step order."""
+        """Every checkpoint's pass, merged and yielded in step order.
+
+        At most `window` checkpoints are in flight: enough to keep the cluster busy,
+        few enough that a bad checkpoint, which stops the trajectory, leaves little
+        submitted work behind. Nothing is cancelled (cancelling a task as it
+        completes has crashed Ray's driver): what is in flight finishes and is dropped.
+        """
         numerics = self.comparison.prepared.numerics
-        submitted = [
-            [
+        waiting = iter(refs)
+        in_flight: deque[tuple[CheckpointRef, list[Any]]] = deque()
+
+        def submit() -> None:
+            ref = next(waiting, None)
+            if ref is None:
+                return
+            parts = [
                 self.checkpoint_remote.remote(
                     self.comparison.model,
                     str(ref.source),
@@ -137,22 +150,25 @@ class RayRunner:
                 )
                 for shard, base_ref in zip(self.shards, self.base_refs, strict=True)
             ]
-            for ref in refs
-        ]
-        try:
-            for ref, parts in zip(refs, submitted, strict=True):
-                merged: CheckpointPass | None = None
-                for part in self._get(parts, ref):
-                    merged = part if merged is None else merged.merge(part)
-                assert merged is not None
-                yield ref, merged
-        finally:
-            for parts in submitted:  # a failure (or a caller that stops early) cancels the rest
-                for task in parts:
-                    try:
-                        self.ray.cancel(task)
-                    except Exception:  # already finished, or the cluster is gone
-                        pass
+            in_flight.append((ref, parts))
+
+        for _ in range(self.window()):
+            submit()
+        while in_flight:
+            ref, parts = in_flight.popleft()
+            merged: CheckpointPass | None = None
+            for part in self._get(parts, ref):
+                merged = part if merged is None else merged.merge(part)
+            assert merged is not None
+            submit()
+            yield ref, merged
+
+    def window(self) -> int:
+        """Checkpoints in flight: one per free worker slot (a checkpoint takes one per
+        shard), plus one so the next is queued."""
+        resources = self.ray.cluster_resources()
+        slots = int(resources.get("GPU", 0)) or int(resources.get("CPU", 1))
+        return max(1, slots // len(self.shards)) + 1
 
     def _get(self, parts: list[Any], ref: CheckpointRef) -> list[CheckpointPass]:
         try:
