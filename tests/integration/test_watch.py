@@ -278,3 +278,42 @@ def test_cli_watch_prints_each_step_and_refuses_a_foreign_trajectory(capsys, tmp
     assert (tmp_path / "run" / "trajectory.json").read_text() == before
     assert main(["watch", str(tmp_path / "nowhere"), "--model", "tiny-gpt2"]) == 2
     assert "run directory" in capsys.readouterr().err
+
+
+def test_the_mirror_shows_the_trajectory_grow_one_row_per_checkpoint(tmp_path, states, monkeypatch):
+    import aquin_nb
+    from aquin_nb import mirror
+    from tests.mirror_server import ThreadedServer
+
+    monkeypatch.setenv(mirror.ENV_SPOOL, str(tmp_path / "spool"))
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    for step in (10, 20):
+        torch.save({"step": step, "state_dict": states[step]}, folder / f"step_{step}.pt")
+    (folder / "step_15.pt").write_bytes(b"not a checkpoint")
+    with ThreadedServer(tmp_path / "mirror.sqlite") as server:
+        session = aquin_nb.connect("watch-run", url=server.url, token=server.token)
+        try:
+            watch(
+                tmp_path / "run",
+                "tiny-gpt2",
+                fit="off",
+                poll_s=0.05,
+                idle_timeout_s=0,
+                progress=False,
+            )
+            assert session.flush(10)
+        finally:
+            mirror.disconnect(timeout=0.5)
+        rows = server.invocations("watch-run")
+        results = [e for e in server.events("watch-run") if e["type"] == "tool.result"]
+    assert [row["tool"] for row in rows] == ["sae_trajectory"] * 3
+    assert sorted(row["status"] for row in rows) == ["completed", "completed", "failed"]
+    failed = next(row for row in rows if row["status"] == "failed")
+    assert "step_15.pt" in failed["error"]
+    cards = [e["card"] for e in results if e["status"] == "ok"]
+    per_step = [
+        next(s for s in card["sections"] if s["title"] == "Fit per step" and s["type"] == "table")
+        for card in cards
+    ]
+    assert [[row["step"] for row in table["rows"]] for table in per_step] == [[10], [10, 20]]
