@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AquinError",
     "Capture",
+    "Dashboards",
     "ModelDiff",
     "Run",
     "SaeAlign",
@@ -33,6 +34,8 @@ __all__ = [
     "capture_activations",
     "connect",
     "disconnect",
+    "feature_dashboards",
+    "import_explanations",
     "load_model",
     "load_sae",
     "model_diff",
@@ -56,6 +59,9 @@ _LAZY = {
     "disconnect": "aquin_nb.mirror",
     "SaeAlign": "aquin_nb.results",
     "SaeDiff": "aquin_nb.results",
+    "Dashboards": "aquin_nb.results",
+    "feature_dashboards": "aquin_nb.dashboards",
+    "import_explanations": "aquin_nb.labels",
     "ModelDiff": "aquin_nb.results",
     "model_diff": "aquin_nb.modeldiff",
     "load_model": "aquin_nb.models",
@@ -70,12 +76,15 @@ _LAZY = {
 if TYPE_CHECKING:
     from .align import sae_align
     from .capture import capture_activations
+    from .dashboards import feature_dashboards
     from .diff import sae_diff
+    from .labels import import_explanations
     from .mirror import connect, disconnect
     from .modeldiff import model_diff
     from .models import load_model
     from .results import (
         Capture,
+        Dashboards,
         ModelDiff,
         SaeAlign,
         SaeDiff,

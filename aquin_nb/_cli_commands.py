@@ -231,6 +231,51 @@ def _cmd_model_diff(args: argparse.Namespace) -> None:
     _show(args, result)
 
 
+def _cmd_dashboards(args: argparse.Namespace) -> None:
+    _check_outputs(args, args.checkpoint, args.corpus, args.sae)
+    _quiet_library_loaders()
+    from .dashboards import feature_dashboards
+
+    boards = feature_dashboards(
+        args.model,
+        sae=args.sae,
+        corpus=args.corpus,
+        checkpoint=args.checkpoint,
+        layer=args.layer,
+        k=args.k,
+        progress=not args.quiet,
+    )
+    _show(args, boards)
+    for feature in args.feature or []:
+        board = boards.feature(feature)
+        say(
+            f"\n[feature {feature}] {board['label']}"
+            + (f"  {board['url']}" if board["url"] else "")
+        )
+        for side in ("base", "checkpoint"):
+            data = board[side]
+            if data is None:
+                continue
+            say(
+                f"  {side}: fires on {data['density']:.2%} of tokens; promotes "
+                + " · ".join(item["token"].strip() for item in data["promoted"][:8])
+            )
+            for context in data["contexts"][:5]:
+                tokens = list(context["tokens"])
+                if context["peak"] < len(tokens):
+                    tokens[context["peak"]] = f"⟦{tokens[context['peak']]}⟧"
+                say(f"    {context['max']:.3g}  {''.join(tokens)!r}")
+
+
+def _cmd_import_explanations(args: argparse.Namespace) -> None:
+    from .labels import import_explanations
+    from .saes import load_sae
+
+    sae = load_sae(args.sae, args.layer) if args.sae else None
+    count = import_explanations(args.file, sae, neuronpedia=args.neuronpedia_id)
+    say(f"[explanations] imported {count} explanations from {args.file}")
+
+
 def _cmd_sae_align(args: argparse.Namespace) -> None:
     _check_outputs(args, args.sae_a, args.sae_b)
     from .align import sae_align

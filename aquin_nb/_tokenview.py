@@ -26,6 +26,7 @@ class LiveDiff:
     hook: str
     token_lists: list[list[int]]
     skip_first: bool
+    numerics: Any = None
     cache: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 

@@ -18,7 +18,9 @@ from typing import Any, NoReturn
 
 from ._cli_commands import (
     _cmd_capture,
+    _cmd_dashboards,
     _cmd_demo,
+    _cmd_import_explanations,
     _cmd_model_diff,
     _cmd_models,
     _cmd_pull_sae,
@@ -247,6 +249,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", help="where the trained SAE goes (default ~/.aquin_nb/sae/user/...)"
     )
     train.add_argument("--json", help=argparse.SUPPRESS)  # deprecated spelling of --output
+
+    boards = _verb_parser(
+        sae_verbs,
+        "dashboards",
+        "feature dashboards over a corpus: top contexts, density, histogram, logit lens, label",
+        _cmd_dashboards,
+        top=25,
+    )
+    boards.add_argument("--model", required=True, help="catalog slug or local model directory")
+    boards.add_argument("--sae", help="the SAE (default: the model's public SAE)")
+    boards.add_argument("--layer", type=int, help="SAE layer (default: the catalog's)")
+    boards.add_argument(
+        "--corpus", help="JSON/JSONL/text file (default: the shipped corpus and the probes)"
+    )
+    boards.add_argument("--checkpoint", help="also compute them on this checkpoint")
+    boards.add_argument("--k", type=int, default=10, help="top contexts kept per feature")
+    boards.add_argument(
+        "--feature", type=int, action="append", help="print this feature's dashboard (repeatable)"
+    )
+
+    explain = sae_verbs.add_parser(
+        "import-explanations", help="read a Neuronpedia explanations export into the cache"
+    )
+    explain.add_argument("file", help="JSON or JSONL rows: modelId, layer, index, description")
+    explain.add_argument("--sae", help="the SAE they explain (its neuronpedia_id is checked)")
+    explain.add_argument("--layer", type=int, help="layer of --sae")
+    explain.add_argument("--neuronpedia-id", help="MODEL/SAE_ID when the SAE carries none")
+    explain.set_defaults(run=_cmd_import_explanations)
 
     align = _verb_parser(
         sae_verbs,

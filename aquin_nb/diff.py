@@ -21,11 +21,13 @@ from tqdm.auto import tqdm
 from . import __version__
 from ._activations import prepare_bridge, residual, token_batches
 from ._diff_core import (
+    bridge_label,
     check_options,
     criteria,
     feature_frame,
     fit_side,
     fit_summary,
+    load_base,
     load_checkpoint,
     prepare,
 )
@@ -40,6 +42,10 @@ from .results import DISPLAY_COLUMNS, FEATURE_COLUMNS, SaeDiff
 logger = logging.getLogger(__name__)
 
 __all__ = ["DISPLAY_COLUMNS", "FEATURE_COLUMNS", "SaeDiff", "sae_diff"]
+
+# The loaders moved to _diff_core (sae_trajectory shares them); these names stay for
+# the modules that import them from here.
+_bridge_label, _load_base, _load_checkpoint = bridge_label, load_base, load_checkpoint
 
 
 @verb("sae_diff")
@@ -167,7 +173,9 @@ def sae_diff(
         "shift": _shift_summary(base, attribution, features),
         "tool_version": __version__,
     }
-    live = LiveDiff(base, ckpt, sae_obj, numerics.hook_name, token_lists, numerics.prepend_bos)
+    live = LiveDiff(
+        base, ckpt, sae_obj, numerics.hook_name, token_lists, numerics.prepend_bos, numerics
+    )
     return SaeDiff(summary=summary, features=features, live=live)
 
 

@@ -151,6 +151,13 @@ class Result:
 
         return CardWidget.for_result(self)
 
+    def figure(self, name: str | None = None) -> Any:
+        """A plotly ``Figure`` of one chart the card draws (``name``: the chart's ``name``
+        in the card spec, e.g. ``"bars"``; default: the first chart), to restyle or zoom."""
+        from .cards.figures import figure
+
+        return figure(self, name)
+
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
         """``text/plain`` always; the static HTML card on top (it only reads data)."""
         bundle = {"text/plain": repr(self)}
@@ -237,6 +244,7 @@ class SaeDiff(Result):
     summary: dict[str, Any]
     features: pd.DataFrame
     views: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    dashboards: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
     live: Any = field(default=None, repr=False)
 
     def top(self, k: int = 20, by: str = "abs_delta") -> pd.DataFrame:
@@ -284,20 +292,87 @@ class SaeDiff(Result):
         views = self.token_views(features, k)
         return dataclasses.replace(self, views={**self.views, **views})
 
+    def with_dashboards(
+        self,
+        corpus: Any = None,
+        features: list[int] | None = None,
+        *,
+        k: int = 10,
+        progress: bool = True,
+    ) -> SaeDiff:
+        """A copy that labels every feature from its dashboard and whose card opens the
+        dashboards of ``features`` (default: the top 25 by |Δ| and the top 10 by shift):
+        top contexts on the base beside the checkpoint, logit lens, histogram.
+
+        One pass over ``corpus`` (default: the shipped corpus and the probes) per
+        model, cached on disk (see `aquin_nb.dashboards`); needs the models.
+        """
+        if self.live is None:
+            raise AquinError(
+                "dashboards need the models; this SaeDiff was read from JSON, run sae_diff again"
+            )
+        from ._corpus import read_corpus
+        from ._quiet import third_party_quiet
+        from .dashboards import _checkpoint_identity, compute_dashboards
+
+        live, s = self.live, self.summary
+        checkpoint = s["checkpoint"]
+        identity = (
+            _checkpoint_identity(checkpoint)
+            if isinstance(checkpoint, str) and Path(checkpoint).exists()
+            else ("object", id(live.checkpoint))
+        )
+        with third_party_quiet(not progress):
+            boards = compute_dashboards(
+                live.base,
+                live.checkpoint,
+                live.sae,
+                live.numerics,
+                read_corpus(corpus, live.base.tokenizer),
+                label=s["model"],
+                identity=identity,
+                sae_name=s["hook"],
+                k=k,
+                batch_size=16,
+                cache=True,
+                progress=progress,
+            )
+        chosen = (
+            features
+            if features is not None
+            else [
+                *self.top(25)["feature"].tolist(),
+                *self.top(10, by="shift")["feature"].tolist(),
+            ]
+        )
+        boards_of = {int(f): boards.feature(int(f)) for f in dict.fromkeys(chosen)}
+        labels = boards.features.set_index("feature")["label"]
+        frame = self.features.copy()
+        frame["label"] = pd.Series(
+            [labels.get(int(f)) for f in frame["feature"]], index=frame.index, dtype=object
+        )
+        return dataclasses.replace(
+            self, features=frame, dashboards={**self.dashboards, **boards_of}
+        )
+
     def top_features(self, k: int = 10) -> list[int]:
         return [int(f) for f in self.features["feature"].head(k)]
 
     def _payload(self) -> dict[str, Any]:
         views = {str(feature): view for feature, view in self.views.items()}
-        return {**super()._payload(), "token_views": views}
+        boards = {str(feature): board for feature, board in self.dashboards.items()}
+        return {**super()._payload(), "token_views": views, "dashboards": boards}
 
     @classmethod
     def _from_payload(cls, payload: dict[str, Any], path: Path) -> SaeDiff:
         diff = super()._from_payload(payload, path)
-        views = payload.get("token_views") or {}
-        if not isinstance(views, dict):
-            raise AquinError(f"{path}: token_views must be an object")
-        return dataclasses.replace(diff, views={int(k): v for k, v in views.items()})
+        extras: dict[str, Any] = {}
+        for key, field_name in (("token_views", "views"), ("dashboards", "dashboards")):
+            found = payload.get(key) or {}
+            if not isinstance(found, dict):
+                raise AquinError(f"{path}: {key} must be an object")
+            extras[field_name] = {int(k): v for k, v in found.items()}
+        return dataclasses.replace(diff, **extras)
 
     def __repr__(self) -> str:
         s = self.summary
@@ -782,3 +857,157 @@ class SaeTrajectory(Result):
             f"({span}), {s['n_ever_changed']}/{s['n_features']} features changed at some step, "
             f"worst fit {s['worst_fit']})"
         )
+
+
+# ----------------------------------------------------------------------------- dashboards
+
+DASHBOARD_COLUMNS = (
+    "feature",
+    "label",
+    "density",
+    "max_activation",
+    "checkpoint_density",
+    "checkpoint_max_activation",
+    "url",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Dashboards(Result):
+    """Feature dashboards over a reference corpus (see `aquin_nb.dashboards`).
+
+    ``summary``: ``model``, ``checkpoint``, ``sae``, ``hook``, ``layer``,
+    ``neuronpedia_id``, ``n_windows``, ``n_tokens``, ``k``, ``sides`` (``base``
+    and, with a checkpoint, ``checkpoint``), ``histogram_edges``,
+    ``dead_fraction``, ``cache`` (the ``.npz`` holding contexts, histograms
+    and logit lens) and ``tool_version``.
+
+    ``features``, one row per feature: ``feature``, ``label``, ``density`` and
+    ``max_activation`` on the base (``checkpoint_density`` and
+    ``checkpoint_max_activation`` on the checkpoint, NaN without one), ``url``
+    (its Neuronpedia page, ``None`` without a ``neuronpedia_id``).
+    ``feature(i)`` returns one feature's whole dashboard as plain JSON types.
+    """
+
+    kind: ClassVar[str] = "dashboards"
+    verb: ClassVar[str] = "feature_dashboards"
+    frames: ClassVar[dict[str, tuple[str, ...]]] = {"features": DASHBOARD_COLUMNS}
+
+    summary: dict[str, Any]
+    features: pd.DataFrame
+
+    def _arrays(self) -> dict[str, Any]:
+        return _load_arrays(self.summary["cache"])
+
+    def _side(self, arrays: dict[str, Any], side: str, index: int) -> dict[str, Any]:
+        before = int(arrays["window_before"][0])
+        vocab = _vocabulary(arrays)
+        contexts = []
+        for tokens, acts, value in zip(
+            arrays[f"{side}_tokens"][index],
+            arrays[f"{side}_acts"][index],
+            arrays[f"{side}_values"][index],
+            strict=True,
+        ):
+            if not value > 0:
+                continue  # fewer than k firings in the whole corpus
+            kept = [
+                (vocab[t], round(float(a), 4)) for t, a in zip(tokens, acts, strict=True) if t >= 0
+            ]
+            peak = sum(1 for t in tokens[:before] if t >= 0)
+            contexts.append(
+                {
+                    "tokens": [t for t, _ in kept],
+                    "acts": [a for _, a in kept],
+                    "peak": peak,
+                    "max": round(float(value), 4),
+                }
+            )
+        lens = {
+            direction: [
+                {"token": vocab[t], "cosine": round(float(c), 4)}
+                for t, c in zip(
+                    arrays[f"{side}_lens_{which}"][index],
+                    arrays[f"{side}_lens_{which}_cosine"][index],
+                    strict=True,
+                )
+            ]
+            for direction, which in (("promoted", "top"), ("suppressed", "bottom"))
+        }
+        return {
+            "contexts": contexts,
+            "density": float(arrays[f"{side}_density"][index]),
+            "histogram": [int(c) for c in arrays[f"{side}_histogram"][index]],
+            **lens,
+        }
+
+    def feature(self, index: int) -> dict[str, Any]:
+        """Feature ``index``'s dashboard: label, url, and per side its top contexts
+        (tokens with the feature's activation on each, the peak's position), density,
+        histogram counts (``summary["histogram_edges"]``) and logit-lens tokens."""
+        index = int(index)
+        if not 0 <= index < len(self.features):
+            raise AquinError(
+                f"feature {index} is out of range: the SAE has {len(self.features)} features "
+                f"(0-{len(self.features) - 1})"
+            )
+        arrays = self._arrays()
+        row = self.features.iloc[index]
+        return {
+            "feature": index,
+            "label": row["label"] if isinstance(row["label"], str) else None,
+            "url": row["url"] if isinstance(row["url"], str) else None,
+            "density": float(row["density"]),
+            "histogram_edges": self.summary["histogram_edges"],
+            "base": self._side(arrays, "base", index),
+            "checkpoint": (
+                self._side(arrays, "checkpoint", index)
+                if "checkpoint" in self.summary["sides"]
+                else None
+            ),
+        }
+
+    def label(self, index: int) -> str:
+        """The offline label: peak tokens of the top contexts, then logit-lens tokens."""
+        from .labels import offline_label
+
+        side = self._side(self._arrays(), "base", int(index))
+        peaks = [c["tokens"][c["peak"]] for c in side["contexts"] if c["peak"] < len(c["tokens"])]
+        return offline_label(peaks, [item["token"] for item in side["promoted"]])
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"Dashboards({s['model']} @ {s['hook']}: {len(self.features)} features over "
+            f"{s['n_tokens']} tokens, k={s['k']}, {s['dead_fraction']:.1%} dead, "
+            f"sides {'+'.join(s['sides'])})"
+        )
+
+
+_ARRAYS: dict[str, dict[str, Any]] = {}
+
+
+def _load_arrays(path: str) -> dict[str, Any]:
+    """The dashboard arrays (numpy, no pickle), loaded once per process."""
+    import numpy as np
+
+    if path not in _ARRAYS:
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                _ARRAYS[path] = {name: stored[name] for name in stored.files}
+        except (OSError, ValueError) as error:
+            raise AquinError(
+                f"dashboard cache {path} is unreadable ({error}); compute it again"
+            ) from None
+    return _ARRAYS[path]
+
+
+def _vocabulary(arrays: dict[str, Any]) -> list[str]:
+    """The token strings stored with the arrays (UTF-8 bytes and offsets, no pickle)."""
+    if "_vocab" not in arrays:
+        data, offsets = bytes(arrays["vocab_bytes"]), arrays["vocab_offsets"]
+        arrays["_vocab"] = [
+            data[offsets[i] : offsets[i + 1]].decode("utf-8", "replace")
+            for i in range(len(offsets) - 1)
+        ]
+    return arrays["_vocab"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import html
+import math
 import uuid
 from functools import cache
 from pathlib import Path
@@ -72,6 +73,62 @@ def _token_view_html(view: dict[str, Any]) -> str:
             lines.append(f"<div><b>{side}</b> {''.join(spans)}</div>")
         blocks.append(f'<div class="aquin-tokens">{"".join(lines)}</div>')
     return "".join(blocks)
+
+
+def _contexts_html(contexts: list[dict[str, Any]]) -> str:
+    """Top contexts, tokens shaded by the feature's activation, the peak underlined."""
+    lines = []
+    for context in contexts:
+        peak = max(context["acts"], default=0.0) or 1.0
+        spans = []
+        for index, (token, value) in enumerate(
+            zip(context["tokens"], context["acts"], strict=True)
+        ):
+            alpha = max(0.0, min(1.0, value / peak))
+            css = ' class="aquin-peak"' if index == context["peak"] else ""
+            spans.append(
+                f'<span{css} style="background: rgba(214,69,80,{alpha:.2f})" '
+                f'title="{value:.3f}">{_escape(token)}</span>'
+            )
+        lines.append(f'<div class="aquin-tokens">{"".join(spans)}</div>')
+    return "".join(lines) or '<div class="aquin-note">never fires in this corpus</div>'
+
+
+def _dashboard_html(board: dict[str, Any]) -> str:
+    """One feature's dashboard: label, link, logit lens, histogram, contexts by side."""
+    title = f"Feature {_escape(board['feature'])}"
+    if board.get("label"):
+        title += f": {_escape(board['label'])}"
+    link = ""
+    url = board.get("url")
+    if isinstance(url, str) and url.startswith(("https://", "http://")):  # never javascript:
+        link = (
+            f' <a href="{_escape(url)}" target="_blank" rel="noopener noreferrer">Neuronpedia</a>'
+        )
+    base = board["base"]
+    lens = (
+        f"<div><b>promotes</b> {_escape(' · '.join(t['token'] for t in base['promoted']))}</div>"
+        f"<div><b>suppresses</b> {_escape(' · '.join(t['token'] for t in base['suppressed']))}</div>"
+    )
+    columns = []
+    for side in ("base", "checkpoint"):
+        data = board.get(side)
+        if not data:
+            continue
+        edges = board["histogram_edges"]
+        histogram = histogram_svg(
+            {"counts": data["histogram"] or [0], "edges": [math.log10(e) for e in edges]},
+            width=220,
+            height=70,
+        )
+        columns.append(
+            f'<div class="aquin-dash-side"><h4>{side}: fires on {data["density"]:.2%} of tokens'
+            f"</h4>{histogram}{_contexts_html(data['contexts'])}</div>"
+        )
+    return (
+        f'<div class="aquin-dash" data-dashboard="{_escape(board["feature"])}"><h4>{title}{link}</h4>'
+        f'{lens}<div class="aquin-dash-cols">{"".join(columns)}</div></div>'
+    )
 
 
 def _table(table: dict[str, Any], labels: dict[str, str] | None = None) -> str:
@@ -394,9 +451,11 @@ def _card_html(spec: dict[str, Any]) -> str:
     if spec.get("warning"):
         parts.append(f'<div class="aquin-chip aquin-warn">{_escape(spec["warning"])}</div>')
     views = spec.get("token_views") or {}
+    boards = spec.get("dashboards") or {}
+    opened = list(dict.fromkeys([*boards, *views]))
     uid = uuid.uuid4().hex[:8]
-    labels = {feature: f"aquin-tv-{uid}-{feature}" for feature in views}
-    if views:
+    labels = {feature: f"aquin-tv-{uid}-{feature}" for feature in opened}
+    if opened:
         rules = "".join(
             f"#{target}:checked ~ .aquin-section .{target} {{ display: block; }}"
             for target in labels.values()
@@ -406,19 +465,33 @@ def _card_html(spec: dict[str, Any]) -> str:
             f'<input type="radio" name="aquin-tv-{uid}" id="{target}" class="aquin-radio" hidden="hidden">'
             for target in labels.values()
         )
-    parts.extend(_section(section, labels) for section in spec["sections"])
-    if views:
-        panels = "".join(
-            f'<div class="aquin-tv {labels[feature]}" data-token-view="{_escape(feature)}">'
-            f"<h4>Feature {_escape(feature)}: where it fires most</h4>"
-            f"{_token_view_html(view)}</div>"
-            for feature, view in views.items()
+        parts.append(
+            '<div class="aquin-note">Click an underlined feature id to open '
+            f"{'its dashboard' if boards else 'where it fires most'} "
+            f"({len(opened)} features have one).</div>"
         )
-        parts.append(f'<div class="aquin-section">{panels}</div>')
+    parts.extend(_section(section, labels) for section in spec["sections"])
+    if opened:
+        panels = []
+        for feature in opened:
+            body = _dashboard_html(boards[feature]) if feature in boards else ""
+            if feature in views:
+                body += (
+                    f"<h4>Feature {_escape(feature)}: where it fires most in the probes</h4>"
+                    f"{_token_view_html(views[feature])}"
+                )
+            panels.append(
+                f'<div class="aquin-tv {labels[feature]}" data-token-view="{_escape(feature)}">'
+                f"{body}</div>"
+            )
+        # Sticky at the bottom of the viewport: the panel opens in sight of the row clicked.
+        parts.append(f'<div class="aquin-section aquin-panels">{"".join(panels)}</div>')
     elif "token_views" in spec:
         parts.append(
-            '<div class="aquin-note">No token views in this card: '
-            "<code>diff.with_token_views()</code> adds them for the top features.</div>"
+            '<div class="aquin-note">No feature views in this card: '
+            "<code>diff.with_dashboards()</code> adds dashboards (top contexts over a corpus, "
+            "logit lens, histogram) and <code>diff.with_token_views()</code> where the top "
+            "features fire in the probes.</div>"
         )
     parts.append("</div>")
     return "".join(parts)

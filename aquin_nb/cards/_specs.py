@@ -19,6 +19,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from ..results import DISPLAY_COLUMNS
 
 TABLE_ROWS = 25
@@ -57,6 +59,43 @@ def _fit_chip(fit: dict[str, Any]) -> str:
     return f"{fit['verdict']} · CE recovered {recovered[0]:.3f} / {recovered[1]:.3f}"
 
 
+def _named(row: Any) -> str:
+    label = row.get("label") if hasattr(row, "get") else None
+    return (
+        f"{label} (#{int(row['feature'])})"
+        if isinstance(label, str) and label
+        else f"#{int(row['feature'])}"
+    )
+
+
+def _diff_in_words(diff: Any, n: int = 3) -> list[str]:
+    """What changed, in words: labels of the features gained and lost, the directions
+    the fine-tune pushed, and the tokens the shift promotes."""
+    frame = diff.features
+    lines = []
+    changed = frame[frame["changed"]] if "changed" in frame else frame.iloc[0:0]
+    for word, part in (
+        ("gained", changed[changed["delta"] > 0].nlargest(n, "delta")),
+        ("lost", changed[changed["delta"] < 0].nsmallest(n, "delta")),
+    ):
+        if len(part):
+            lines.append(
+                f"{word}: "
+                + "; ".join(f"{_named(row)} {row['delta']:+.3g}" for _, row in part.iterrows())
+            )
+    shift = diff.summary.get("shift") or {}
+    if "shift" in frame and shift.get("directions"):
+        pushed = frame.set_index("feature").loc[shift["directions"][:n]].reset_index()
+        lines.append(
+            "pushed along: "
+            + "; ".join(f"{_named(row)} {row['shift']:+.3g}" for _, row in pushed.iterrows())
+            + f" ({shift['explained']:.0%} of the shift)"
+        )
+    if shift.get("promoted"):
+        lines.append("the shift promotes: " + " · ".join(t.strip() for t in shift["promoted"][:6]))
+    return lines
+
+
 def sae_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
     s = diff.summary
     fit = s["fit"]
@@ -91,9 +130,16 @@ def sae_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
     rising = frame[frame["delta"] > 0].nlargest(BAR_FEATURES, "delta")
     falling = frame[frame["delta"] < 0].nsmallest(BAR_FEATURES, "delta")
     bars = _records(rising, ["feature", "delta"]) + _records(falling, ["feature", "delta"])
+    if "label" in frame:
+        labels = frame.set_index("feature")["label"]
+        for bar in bars:
+            label = labels.get(bar["feature"])
+            if isinstance(label, str) and label:
+                bar["label"] = f"{label[:26]} (#{bar['feature']})"
     headline = [
         f"nChanged={s['n_changed']} meanAbsDelta={s['mean_abs_delta']:.6g} "
-        f"maxAbsDelta={s['max_abs_delta']:.6g}"
+        f"maxAbsDelta={s['max_abs_delta']:.6g}",
+        *_diff_in_words(diff),
     ]
     spec = _card(
         "sae_diff",
@@ -101,11 +147,13 @@ def sae_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
         headline,
         chips,
         token_views={str(feature): view for feature, view in diff.views.items()},
+        dashboards={str(feature): board for feature, board in diff.dashboards.items()},
         sections=[
             {
                 "type": "bars",
                 "title": "Top ±Δ features",
                 "bars": sorted(bars, key=lambda bar: -bar["delta"]),
+                "label_width": 200 if any("label" in bar for bar in bars) else 60,
             },
             {
                 "type": "table",
@@ -378,6 +426,7 @@ def sae_trajectory_spec(trajectory: Any, rows: int = TABLE_ROWS) -> dict[str, An
         sections.append(
             {
                 "type": "line",
+                "name": "features",
                 "title": "Top features: Δ across steps",
                 "x_range": x_range,
                 "series": series,
@@ -388,6 +437,7 @@ def sae_trajectory_spec(trajectory: Any, rows: int = TABLE_ROWS) -> dict[str, An
         sections.append(
             {
                 "type": "heatmap",
+                "name": "delta",
                 "title": "Δ per feature and step",
                 "values": [[_plain_number(v) for v in row] for row in wide.to_numpy().tolist()],
                 "row_labels": top,
@@ -403,6 +453,7 @@ def sae_trajectory_spec(trajectory: Any, rows: int = TABLE_ROWS) -> dict[str, An
         sections.append(
             {
                 "type": "line",
+                "name": "changed",
                 "title": "Features changed per step",
                 "x_range": x_range,
                 "series": [
@@ -430,13 +481,20 @@ def sae_trajectory_spec(trajectory: Any, rows: int = TABLE_ROWS) -> dict[str, An
                 }
             )
         sections.append(
-            {"type": "line", "title": "Fit per step", "x_range": x_range, "series": fit_series}
+            {
+                "type": "line",
+                "name": "fit",
+                "title": "Fit per step",
+                "x_range": x_range,
+                "series": fit_series,
+            }
         )
     for metric, points in list(metrics.groupby("metric", sort=True))[:METRIC_CHARTS]:
         points = points.iloc[_evenly(list(range(len(points))), LINE_POINTS)]
         sections.append(
             {
                 "type": "line",
+                "name": f"metric {metric}",
                 "title": f"Training metric: {metric}",
                 "x_range": x_range,
                 "series": [
@@ -558,6 +616,49 @@ def model_diff_spec(diff: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
     )
 
 
+def dashboards_spec(boards: Any, rows: int = TABLE_ROWS) -> dict[str, Any]:
+    s = boards.summary
+    frame = boards.features
+    alive = frame[frame["density"] > 0]
+    densities = np.log10(alive["density"].to_numpy()) if len(alive) else np.zeros(0)
+    counts, edges = np.histogram(densities, bins=20) if len(alive) else ([0], [0.0, 1.0])
+    columns = ["feature", "label", "density", "max_activation"]
+    if "checkpoint" in s["sides"]:
+        columns += ["checkpoint_density", "checkpoint_max_activation"]
+    shown = frame.sort_values(["density", "feature"], ascending=[False, True]).head(rows)
+    return _card(
+        "dashboards",
+        f"{s['model']} · {s['hook']}",
+        [
+            f"{len(frame)} features over {s['n_tokens']} tokens ({s['n_windows']} windows); "
+            f"{s['dead_fraction']:.1%} never fire",
+            "boards.feature(i) holds one feature's contexts, histogram and logit lens",
+        ],
+        [
+            {"label": "features", "value": len(frame)},
+            {"label": "tokens", "value": s["n_tokens"]},
+            {"label": "k", "value": s["k"]},
+            {"label": "dead", "value": f"{s['dead_fraction']:.1%}"},
+            {"label": "sides", "value": " + ".join(s["sides"])},
+        ],
+        sections=[
+            {
+                "type": "histogram",
+                "title": "Feature density (log10 of the fraction of tokens where it fires)",
+                "counts": [int(c) for c in counts],
+                "edges": [float(e) for e in edges],
+            },
+            {
+                "type": "table",
+                "title": "Most frequent features",
+                "columns": columns,
+                "rows": _records(shown, columns),
+                "select": "feature",
+            },
+        ],
+    )
+
+
 SPECS: dict[str, Callable[..., dict[str, Any]]] = {
     "sae_diff": sae_diff_spec,
     "sae_align": sae_align_spec,
@@ -566,6 +667,7 @@ SPECS: dict[str, Callable[..., dict[str, Any]]] = {
     "simulation": simulation_spec,
     "sae_trajectory": sae_trajectory_spec,
     "model_diff": model_diff_spec,
+    "dashboards": dashboards_spec,
 }
 
 

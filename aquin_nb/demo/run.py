@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from ..align import sae_align
+from ..dashboards import reference_corpus
 from ..diff import sae_diff
 from ..modeldiff import model_diff
 from ..results import ModelDiff, SaeAlign, SaeDiff, TrainedSae
 from ..train import sae_train
 from .finetune import finetune_lora
+
+DEMO_CORPUS_TEXTS = 300
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,10 @@ def run_demo(
     # Where to look first, without a dictionary; then the SAE features at that layer.
     signals = model_diff("tiny-gpt2", checkpoint, name="cooking-lora", progress=progress)
     diff = sae_diff("tiny-gpt2", checkpoint, name="cooking-lora", progress=progress)
-    diff = diff.with_token_views()  # the report shows where the top features fire
+    # The report shows where the top features fire in the probes, and their dashboards
+    # over a slice of the shipped corpus (the whole corpus takes minutes on a CPU).
+    reference = reference_corpus(DEMO_CORPUS_TEXTS)
+    diff = diff.with_token_views().with_dashboards(corpus=reference, progress=progress)
     trained = sae_train(
         "tiny-gpt2",
         diff.summary["layer"],

@@ -200,6 +200,24 @@ def test_json_round_trip_card_and_metrics_on_the_step_axis(growing, tmp_path, pl
     assert f"feature {planted_feature}" in html
     text = render_text(spec)
     assert text.startswith("[sae trajectory] tiny-gpt2 vs run") and "fit per step:" in text
+    # The same charts as plotly figures (result.figure), on the same step axis.
+    from aquin_nb.cards.figures import figure_names
+
+    assert figure_names(again) == [
+        "features",
+        "delta",
+        "changed",
+        "fit",
+        "metric loss",
+        "metric lr",
+    ]
+    lines = again.figure("features")
+    assert len(lines.data) == 5 and list(lines.layout.xaxis.range) == [0, STEPS[-1]]
+    assert list(lines.data[0].y) == top["y"]
+    cells = again.figure("delta").data[0]
+    assert (
+        cells.type == "heatmap" and cells.zmid == 0 and len(cells.z) == len(heatmap["row_labels"])
+    )
 
 
 def test_cli_sae_diff_over_a_run_directory_writes_the_trajectory(capsys, tmp_path, growing_run):

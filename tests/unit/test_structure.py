@@ -23,6 +23,7 @@ NOT_COMPUTATION = (
     "aquin_nb._cli_commands",
     "aquin_nb.server",
 )
+TINY_CORPUS = ["Preheat the oven and bake the bread.", "Return a new list of keys."]
 LAZY_BY_DESIGN = ("aquin_nb", "aquin_nb.results")
 RENDERING = ("aquin_nb.cards", "aquin_nb.mirror", "plotly", "anywidget", "ipywidgets")
 
@@ -116,6 +117,7 @@ def test_a_listener_sees_one_start_and_one_result_per_verb_and_not_inner_verbs(
     try:
         aquin_nb.sae_diff("tiny-gpt2", copy_pt, progress=False)
         aquin_nb.model_diff("tiny-gpt2", copy_pt, progress=False)
+        aquin_nb.feature_dashboards("tiny-gpt2", corpus=TINY_CORPUS, k=2, progress=False)
         aquin_nb.sae_align(tiny_sae, tiny_sae, max_features=32, progress=False)
         aquin_nb.capture_activations(
             "tiny-gpt2", output=tmp_path / "cap", layers=[2], count=16, progress=False
@@ -139,6 +141,7 @@ def test_a_listener_sees_one_start_and_one_result_per_verb_and_not_inner_verbs(
     tools = [
         "sae_diff",
         "model_diff",
+        "feature_dashboards",
         "sae_align",
         "capture_activations",
         "sae_train",
@@ -155,6 +158,7 @@ def test_a_listener_sees_one_start_and_one_result_per_verb_and_not_inner_verbs(
     assert [type(r).kind for r in results[:-1]] == [
         "sae_diff",
         "model_diff",
+        "dashboards",
         "sae_align",
         "capture",
         "sae_train",
@@ -195,6 +199,8 @@ for kind, path in {paths!r}.items():
     bundle = result._repr_mimebundle_()
     assert 'data-kind="' + kind + '"' in bundle["text/html"], kind
     assert render_text(card_spec(result)), kind
+    if kind == "dashboards":
+        assert result.feature(0)["base"]["promoted"], "a dashboard reads back without torch"
 loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "sae_lens", "transformer_lens")))
 assert not loaded, loaded
 print("rendered", len({paths!r}))
@@ -226,8 +232,9 @@ def test_results_round_trip_and_render_from_json_without_torch(tmp_path, tiny_sa
     trajectory = aquin_nb.sae_trajectory(
         "tiny-gpt2", {0: copy_pt, 5: tmp_path / "s.pt"}, fit="off", progress=False
     )
+    boards = aquin_nb.feature_dashboards("tiny-gpt2", corpus=TINY_CORPUS, k=2, progress=False)
     paths = {}
-    for result in (diff, capture, trained, align, simulation, model, trajectory):
+    for result in (diff, capture, trained, align, simulation, model, trajectory, boards):
         path = result.to_json(tmp_path / f"{result.kind}.json")
         again = type(result).from_json(path)
         assert again.summary == json.loads(json.dumps(result.summary))
