@@ -268,3 +268,30 @@ def test_a_trajectory_event_passes_the_mirror_schema():
         card=card_spec(trajectory),
     )
     assert _events.event_problem(event) is None and event["card"]["kind"] == "sae_trajectory"
+
+
+def test_the_live_card_pages_every_feature_that_changed_with_its_label():
+    trajectory = empty_trajectory(
+        {
+            "model": "tiny-gpt2",
+            "name": "run",
+            "hook": "blocks.2.hook_resid_pre",
+            "n_features": 40,
+            "n_prompts": 4,
+            "backend": "local",
+            "labels": {"3": "def · return"},
+            "tracking": {"top_k": 2, "max_features": 4},
+        }
+    )
+    for step, changed in ((1, set(range(0, 20))), (2, set(range(10, 30)))):
+        frame = _frame({f: 1.0 + f for f in changed}, changed, d_sae=40)
+        trajectory = add_step(
+            trajectory, step=step, name=f"s{step}", checkpoint=f"s{step}.pt", frame=frame, fit=FIT
+        )
+    widget = trajectory.widget()
+    assert widget.row_count == 30 and len(widget.page_rows) == 25  # beyond the card's 25 rows
+    widget.query = {**widget.query, "sort": "first_changed_step", "descending": True}
+    assert widget.page_rows[0]["first_changed_step"] == 2
+    widget.query = {**widget.query, "filter": "def", "page": 0}
+    assert [row["feature"] for row in widget.page_rows] == [3]
+    assert widget.page_rows[0]["label"] == "def · return"
