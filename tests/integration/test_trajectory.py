@@ -292,6 +292,9 @@ def test_bad_arguments_are_clear_errors(growing_run, base_state, tmp_path):
         sae_trajectory("tiny-gpt2", growing_run, backend="spark")
     with pytest.raises(AquinError, match="pass loaded models as"):
         sae_trajectory("tiny-gpt2", [object()])
+    gone = tmp_path / "step_9.pt"  # listed, then deleted before the run reached it
+    with pytest.raises(AquinError, match=r"checkpoint .*step_9\.pt does not exist"):
+        sae_trajectory("tiny-gpt2", {1: growing_run / "checkpoints" / "step_1.pt", 9: gone})
     (tmp_path / "nameless").mkdir()
     torch.save(base_state, tmp_path / "nameless" / "final.pt")
     with pytest.raises(AquinError, match=r"cannot tell the step of checkpoint .*final\.pt"):
