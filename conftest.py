@@ -4,6 +4,8 @@
 in a fresh temporary directory, with ``checkpoint`` bound to a fine-tuned
 checkpoint of tiny-gpt2 whose change is known: feature 101's decoder direction
 planted in block 1's MLP output bias, which writes into the SAE's hook.
+``run_dir`` is a Run directory in that temporary directory whose
+``checkpoints/`` holds that checkpoint as ``step_1.pt`` and ``step_2.pt``.
 """
 
 from __future__ import annotations
@@ -57,4 +59,10 @@ def _doctest_workdir(request, doctest_namespace, tmp_path, monkeypatch):
     """Doctests write their files into a temporary directory, never the checkout."""
     if isinstance(request.node, DoctestItem):
         monkeypatch.chdir(tmp_path)
-        doctest_namespace["checkpoint"] = request.getfixturevalue("doctest_checkpoint")
+        checkpoint = request.getfixturevalue("doctest_checkpoint")
+        doctest_namespace["checkpoint"] = checkpoint
+        folder = tmp_path / "run" / "checkpoints"
+        folder.mkdir(parents=True)
+        for step in (1, 2):  # links: a Run directory costs no copy
+            (folder / f"step_{step}.pt").hardlink_to(checkpoint)
+        doctest_namespace["run_dir"] = tmp_path / "run"

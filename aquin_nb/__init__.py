@@ -27,6 +27,7 @@ __all__ = [
     "Run",
     "SaeAlign",
     "SaeDiff",
+    "SaeTrajectory",
     "Simulation",
     "TrainedSae",
     "__version__",
@@ -41,7 +42,9 @@ __all__ = [
     "sae_align",
     "sae_diff",
     "sae_train",
+    "sae_trajectory",
     "simulate",
+    "watch",
 ]
 
 _LAZY = {
@@ -65,6 +68,9 @@ _LAZY = {
     "load_sae": "aquin_nb.saes",
     "sae_align": "aquin_nb.align",
     "sae_diff": "aquin_nb.diff",
+    "SaeTrajectory": "aquin_nb.results",
+    "sae_trajectory": "aquin_nb.trajectory",
+    "watch": "aquin_nb.watcher",
 }
 
 if TYPE_CHECKING:
@@ -76,11 +82,22 @@ if TYPE_CHECKING:
     from .mirror import connect, disconnect
     from .modeldiff import model_diff
     from .models import load_model
-    from .results import Capture, Dashboards, ModelDiff, SaeAlign, SaeDiff, Simulation, TrainedSae
+    from .results import (
+        Capture,
+        Dashboards,
+        ModelDiff,
+        SaeAlign,
+        SaeDiff,
+        SaeTrajectory,
+        Simulation,
+        TrainedSae,
+    )
     from .run import Run
     from .saes import load_sae
     from .simulation import simulate
     from .train import sae_train
+    from .trajectory import sae_trajectory
+    from .watcher import watch
 
 
 def __getattr__(name: str) -> Any:

@@ -92,8 +92,30 @@ def _cmd_pull_sae(args: argparse.Namespace) -> None:
     say(f"{entry.sae_release}:{sae_id} {where} (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae})")
 
 
+_RUN_FLAGS = ("backend", "prompt_shards", "metrics", "top_k", "max_features")
+
+
+def _tracking(args: argparse.Namespace) -> dict[str, Any]:
+    """The trajectory keywords the user set (the verb's defaults otherwise)."""
+    names = ("top_k", "max_features")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _cmd_sae_diff(args: argparse.Namespace) -> None:
+    from ._checkpoint_sets import names_a_set
+
     _check_outputs(args, args.checkpoint, args.prompts, args.sae)
+    if names_a_set(args.checkpoint):
+        _sae_trajectory(args)
+        return
+    given = [
+        f"--{flag.replace('_', '-')}" for flag in _RUN_FLAGS if getattr(args, flag) is not None
+    ]
+    if given:
+        raise AquinError(
+            f"{', '.join(given)} only apply to a run of checkpoints: give --checkpoint a run "
+            f"directory (checkpoints/step_<N>.pt) or a quoted glob, not {args.checkpoint}"
+        )
     _quiet_library_loaders()
     from .diff import sae_diff
 
@@ -112,6 +134,84 @@ def _cmd_sae_diff(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     _show(args, diff)
+
+
+def _sae_trajectory(args: argparse.Namespace) -> None:
+    """``sae diff --checkpoint RUN_DIR|GLOB``: every checkpoint of the run, one trajectory.
+
+    A bad checkpoint anywhere stops the run with exit 2 and writes nothing.
+    """
+    _quiet_library_loaders()
+    from .trajectory import sae_trajectory
+
+    trajectory = sae_trajectory(
+        args.model,
+        args.checkpoint,
+        prompts=args.prompts,
+        layer=args.layer,
+        sae=args.sae,
+        name=args.name,
+        metrics=args.metrics,
+        batch_size=args.batch_size,
+        fdr=args.fdr,
+        min_rel_delta=args.min_rel_delta,
+        fit=args.fit,
+        backend=args.backend or "local",
+        prompt_shards=args.prompt_shards or 1,
+        device=args.device,
+        progress=not args.quiet,
+        **_tracking(args),
+    )
+    _show(args, trajectory)
+
+
+def _cmd_watch(args: argparse.Namespace) -> None:
+    """``watch RUN_DIR``: one line per diffed checkpoint, the card when it stops."""
+    _check_outputs(args, args.run_dir, args.prompts, args.sae, args.metrics)
+    _quiet_library_loaders()
+    from . import _verbs
+    from .watcher import watch
+
+    def report(event: Any) -> None:
+        if event.phase != "result":
+            return
+        if event.error is not None:
+            return  # watch logs the skipped checkpoint as a warning line
+        say(f"[watch] {event.result.describe_step(event.args[1])}")
+
+    _verbs.add_listener(report)
+    try:
+        trajectory = watch(
+            args.run_dir,
+            args.model,
+            prompts=args.prompts,
+            layer=args.layer,
+            sae=args.sae,
+            name=args.name,
+            output=args.output,
+            metrics=args.metrics,
+            poll_s=args.poll,
+            idle_timeout_s=args.idle_timeout,
+            batch_size=args.batch_size,
+            fdr=args.fdr,
+            min_rel_delta=args.min_rel_delta,
+            device=args.device,
+            progress=not args.quiet,
+            **_tracking(args),
+        )
+    finally:
+        _verbs.remove_listener(report)
+    from .cards import card_spec, render_text
+
+    say(render_text(card_spec(trajectory, rows=args.top)))
+    if not trajectory.per_step.empty:  # watch wrote it after each step
+        from .watcher import TRAJECTORY_FILE
+
+        say(f"wrote {args.output or Path(args.run_dir) / TRAJECTORY_FILE}")
+    if args.html:
+        from .cards import write_report
+
+        say(f"wrote {write_report(args.html, [trajectory])}")
 
 
 def _cmd_model_diff(args: argparse.Namespace) -> None:

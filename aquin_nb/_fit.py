@@ -100,6 +100,14 @@ class DownstreamStats:
         self.n_predictions += int(predicts.sum())
         self.n_positions += int(mask.sum())
 
+    def merge(self, other: DownstreamStats) -> DownstreamStats:
+        """Add ``other`` (the same model on other prompts) into this one; returns self."""
+        for key, value in other.sums.items():
+            self.sums[key] += value
+        self.n_predictions += other.n_predictions
+        self.n_positions += other.n_positions
+        return self
+
     def figures(self) -> dict[str, float | None]:
         """Means and scores; ``None`` where there was nothing to measure."""
         if not self.n_predictions:

@@ -1,12 +1,35 @@
 """Streaming per-feature statistics in O(d_sae) memory (DESIGN.md decision 6).
 
 Nothing here keeps a [tokens x d_sae] matrix past the batch that produced it.
+Every accumulator is a set of sums, so two of them over disjoint prompts
+``merge`` into the accumulator of all those prompts: that is what lets the Ray
+backend map prompt shards and checkpoints over tasks and reduce the results.
+
+`BaseFeatureStats` is the base model's side of a paired comparison, kept so
+that many checkpoints can be compared with one base pass (`sae_trajectory`):
+beside its sums it holds each prompt's mean activation, ``[prompts, d_sae]``,
+which is what the paired test needs from the base.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+
+def prompt_means(
+    activations: torch.Tensor,  # [tokens, d_sae]
+    prompt_of_token: torch.Tensor,  # [tokens] row index 0..n_rows-1
+    n_rows: int,
+) -> torch.Tensor:
+    """Each row's mean activation over its counted tokens, ``[n_rows, d_sae]`` (same dtype)."""
+    rows = prompt_of_token.to(activations.device)
+    counts = torch.bincount(rows, minlength=n_rows).clamp_min(1)[:, None]
+    sums = torch.zeros(
+        (n_rows, activations.shape[1]), dtype=activations.dtype, device=activations.device
+    )
+    sums.index_add_(0, rows, activations)
+    return sums / counts
 
 
 class PairedFeatureStats:
@@ -48,6 +71,42 @@ class PairedFeatureStats:
         self.n_tokens += int(base.shape[0])
         self.n_prompts += n_rows
 
+    def update_checkpoint(
+        self,
+        checkpoint: torch.Tensor,  # [tokens, d_sae] feature activations of counted tokens
+        prompt_of_token: torch.Tensor,  # [tokens] row index 0..n_rows-1
+        base_prompt_means: torch.Tensor,  # [n_rows, d_sae], from BaseFeatureStats
+    ) -> None:
+        """Add one batch of the checkpoint side against the base's stored prompt means.
+
+        The base's token sums and firing counts come from `BaseFeatureStats.paired`;
+        the paired differences are the checkpoint's prompt means minus the base's.
+        """
+        n_rows = int(base_prompt_means.shape[0])
+        self.checkpoint_sum += checkpoint.sum(0).double().cpu()
+        self.checkpoint_fires += (checkpoint > 0).sum(0).double().cpu()
+        means = prompt_means(checkpoint, prompt_of_token, n_rows)
+        per_prompt = means.double().cpu() - base_prompt_means.double().cpu()
+        self.diff_sum += per_prompt.sum(0)
+        self.diff_sq_sum += (per_prompt**2).sum(0)
+        self.n_tokens += int(checkpoint.shape[0])
+        self.n_prompts += n_rows
+
+    def merge(self, other: PairedFeatureStats) -> PairedFeatureStats:
+        """Add ``other`` (the same comparison over other prompts) into this one; returns self."""
+        for name in (
+            "base_sum",
+            "checkpoint_sum",
+            "base_fires",
+            "checkpoint_fires",
+            "diff_sum",
+            "diff_sq_sum",
+        ):
+            getattr(self, name).add_(getattr(other, name))
+        self.n_tokens += other.n_tokens
+        self.n_prompts += other.n_prompts
+        return self
+
     def paired_t_pvalues(self) -> np.ndarray:
         """Two-sided p-values of the paired t-test across prompts, per feature."""
         from scipy import stats
@@ -85,6 +144,62 @@ class FitStats:
         self.error_sq_sum += float(((x - reconstruction) ** 2).sum())
         self.n += int(x.shape[0])
 
+    def merge(self, other: FitStats) -> FitStats:
+        """Add ``other`` (the same SAE on other activations) into this one; returns self."""
+        self.sum.add_(other.sum)
+        self.sq_sum += other.sq_sum
+        self.error_sq_sum += other.error_sq_sum
+        self.n += other.n
+        return self
+
     def explained_variance(self) -> float:
         total_variance = self.sq_sum - float((self.sum**2).sum()) / self.n
         return 1.0 - self.error_sq_sum / total_variance if total_variance > 0 else 0.0
+
+
+class BaseFeatureStats:
+    """The base side of a paired comparison, computed once for many checkpoints.
+
+    Holds the base's token sums and firing counts (O(d_sae)) and each prompt's
+    mean activation (``[prompts, d_sae]``, float32 on the CPU): the paired test
+    needs the base's prompt means to pair each checkpoint's with. This is the
+    only state that grows with the prompts, and it does not grow with the tokens
+    or the number of checkpoints.
+    """
+
+    def __init__(self, d_sae: int) -> None:
+        self.d_sae = d_sae
+        self.base_sum = torch.zeros(d_sae, dtype=torch.float64)
+        self.base_fires = torch.zeros(d_sae, dtype=torch.float64)
+        self.batch_means: list[torch.Tensor] = []
+        self.n_tokens = 0
+        self.n_prompts = 0
+
+    def update(
+        self,
+        base: torch.Tensor,  # [tokens, d_sae]
+        prompt_of_token: torch.Tensor,  # [tokens] row index 0..n_rows-1
+        n_rows: int,
+    ) -> None:
+        self.base_sum += base.sum(0).double().cpu()
+        self.base_fires += (base > 0).sum(0).double().cpu()
+        self.batch_means.append(prompt_means(base, prompt_of_token, n_rows).float().cpu())
+        self.n_tokens += int(base.shape[0])
+        self.n_prompts += n_rows
+
+    def merge(self, other: BaseFeatureStats) -> BaseFeatureStats:
+        """Append ``other``'s prompts (those that follow this one's) into this one; returns self."""
+        self.base_sum.add_(other.base_sum)
+        self.base_fires.add_(other.base_fires)
+        self.batch_means.extend(other.batch_means)
+        self.n_tokens += other.n_tokens
+        self.n_prompts += other.n_prompts
+        return self
+
+    def paired(self) -> PairedFeatureStats:
+        """An empty comparison that already holds this base side's sums: feed it every
+        batch of a checkpoint with `PairedFeatureStats.update_checkpoint`."""
+        stats = PairedFeatureStats(self.d_sae)
+        stats.base_sum.copy_(self.base_sum)
+        stats.base_fires.copy_(self.base_fires)
+        return stats

@@ -88,10 +88,13 @@ def _notify(event: VerbEvent) -> None:
             log.exception("verb listener %r failed on %s %s", listener, event.tool, event.phase)
 
 
-def verb(tool: str) -> Callable[[F], F]:
+def verb(tool: str, *, entry_point: bool = True) -> Callable[[F], F]:
     """Make ``function`` a verb named ``tool`` that reports to the listeners.
 
-    With no listener this costs one tuple check per call.
+    With no listener this costs one tuple check per call. ``VERBS`` maps each tool
+    to its public entry point; a second function that reports under the same tool
+    (`watch`'s per-checkpoint step reports as ``sae_trajectory``) passes
+    ``entry_point=False``.
     """
 
     def decorate(function: F) -> F:
@@ -119,7 +122,8 @@ def verb(tool: str) -> Callable[[F], F]:
             _notify(replace(start, phase="result", result=result, duration_s=duration))
             return result
 
-        VERBS[tool] = call
+        if entry_point:
+            VERBS[tool] = call
         return call  # type: ignore[return-value]
 
     return decorate

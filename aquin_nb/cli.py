@@ -29,6 +29,7 @@ from ._cli_commands import (
     _cmd_sae_train,
     _cmd_serve,
     _cmd_simulate,
+    _cmd_watch,
 )
 from ._errors import AquinError
 
@@ -48,6 +49,24 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more."""
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def _tracking_flags(parser: Any) -> None:
+    """Which features a trajectory keeps rows for (see SaeTrajectory)."""
+    parser.add_argument(
+        "--top-k", type=_count, help="each step's top features by |Δ| that get rows (default 16)"
+    )
+    parser.add_argument(
+        "--max-features", type=_count, help="at most this many features get rows (default 256)"
+    )
 
 
 def _count(text: str) -> int:
@@ -159,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff = _verb_parser(
         sae_verbs,
         "diff",
-        "per-feature activation deltas between a base model and a checkpoint",
+        "per-feature activation deltas between a base model and a checkpoint, "
+        "or every checkpoint of a run (a trajectory)",
         _cmd_sae_diff,
         top=20,
     )
@@ -167,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument(
         "--checkpoint",
         required=True,
-        help="{step, state_dict} .pt, state dict, .safetensors, HF directory or PEFT adapter",
+        help="{step, state_dict} .pt, state dict, .safetensors, HF directory or PEFT adapter; "
+        "a run directory (checkpoints/step_<N>.pt) or a quoted glob gives a trajectory",
     )
     diff.add_argument(
         "--prompts",
@@ -196,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="downstream fit (CE loss recovered) on the first 8 prompts, all, or none",
     )
     diff.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    run = diff.add_argument_group("a run of checkpoints (trajectory)")
+    run.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        help="local (default) or ray: checkpoints and prompt shards as Ray tasks "
+        "(joins $RAY_ADDRESS when set)",
+    )
+    run.add_argument("--prompt-shards", type=int, help="prompt shards per checkpoint (ray)")
+    run.add_argument("--metrics", help="metrics JSONL to plot (default: the run's metrics.jsonl)")
+    _tracking_flags(run)
 
     train = _verb_parser(
         sae_verbs, "train", "train a temporary SAE on a checkpoint", _cmd_sae_train, top=10
@@ -316,6 +347,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="T steps of GD on the linearised model (jvp/vjp) instead",
     )
     sim.add_argument("--curvature", choices=["fisher", "hutchinson"], default="fisher")
+
+    watch = _verb_parser(
+        commands,
+        "watch",
+        "diff each new checkpoint of a training run as it is written (Ctrl-C stops)",
+        _cmd_watch,
+        top=10,
+    )
+    watch.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (or its checkpoints/)")
+    watch.add_argument("--model", required=True, help="catalog slug or local model directory")
+    watch.add_argument("--prompts", help="prompts file (default: the shipped probe set)")
+    watch.add_argument("--layer", type=int, help="SAE layer (default: the catalog's)")
+    watch.add_argument("--sae", help="custom SAE instead of the public one")
+    watch.add_argument("--name", help="label for the run (default: the directory's name)")
+    watch.add_argument(
+        "--poll", type=_seconds, default=2.0, help="seconds between looks (default 2)"
+    )
+    watch.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        help="stop after this many seconds without a new checkpoint (default: run until Ctrl-C)",
+    )
+    watch.add_argument("--metrics", help="metrics JSONL to plot (default RUN_DIR/metrics.jsonl)")
+    watch.add_argument("--batch-size", type=int, default=16)
+    watch.add_argument("--fdr", type=_finite_float, default=0.05)
+    watch.add_argument("--min-rel-delta", type=_finite_float, default=0.1)
+    watch.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    _tracking_flags(watch)
 
     serve = commands.add_parser(
         "serve", help="run the web mirror receiver (session pages, SQLite, token)"

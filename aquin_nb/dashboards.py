@@ -330,19 +330,19 @@ def feature_dashboards(
         k: contexts kept per feature.
         cache: reuse and write ``$AQUIN_NB_CACHE/dashboards/<key>.npz``.
     """
-    from .diff import _bridge_label, _load_base, _load_checkpoint
+    from ._diff_core import bridge_label, load_base, load_checkpoint
     from .saes import check_sae_fits, load_sae, sae_numerics
 
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
         raise AquinError(f"k must be a positive integer, got {k!r}")
-    base = _load_base(model, device)
-    label = _bridge_label(base) if not isinstance(model, (str, Path)) else str(model)
+    base = load_base(model, device)
+    label = bridge_label(base) if not isinstance(model, (str, Path)) else str(model)
     sae_obj = load_sae(sae if sae is not None else label, layer)
     numerics = sae_numerics(sae_obj, layer)
     check_sae_fits(sae_obj, int(base.cfg.d_model), int(base.cfg.n_layers), numerics.layer, label)
     texts = read_corpus(corpus, base.tokenizer)
     checkpoint_bridge = (
-        _load_checkpoint(checkpoint, base, model, device)[0] if checkpoint is not None else None
+        load_checkpoint(checkpoint, base, model, device)[0] if checkpoint is not None else None
     )
     return compute_dashboards(
         base,

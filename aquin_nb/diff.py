@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,69 +19,33 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from ._activations import (
-    context_length,
-    prepare_bridge,
-    residual,
-    token_batches,
-    tokenize_prompts,
+from ._activations import prepare_bridge, residual, token_batches
+from ._diff_core import (
+    bridge_label,
+    check_options,
+    criteria,
+    feature_frame,
+    fit_side,
+    fit_summary,
+    load_base,
+    load_checkpoint,
+    prepare,
 )
-from ._errors import AquinError
-from ._fit import FAST_PROMPTS, FIT_MODES, DownstreamStats, fit_verdict
+from ._fit import FAST_PROMPTS, DownstreamStats
 from ._quiet import quiet_unless_progress
 from ._shift import ShiftStats, attribute
 from ._stats import FitStats, PairedFeatureStats
 from ._tokenview import LiveDiff
 from ._verbs import verb
-from .catalog import find_entry
-from .probes import load_prompts
 from .results import DISPLAY_COLUMNS, FEATURE_COLUMNS, SaeDiff
-from .saes import check_sae_fits, load_sae, sae_numerics
-
-if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DISPLAY_COLUMNS", "FEATURE_COLUMNS", "SaeDiff", "sae_diff"]
 
-
-def _bridge_label(bridge: Any) -> str:
-    return str(getattr(bridge, "aquin_label", None) or getattr(bridge.cfg, "model_name", "model"))
-
-
-def _load_base(model: Any, device: str | None) -> TransformerBridge:
-    from .models import load_model
-
-    if isinstance(model, (str, Path)):
-        return load_model(model, device=device)
-    if hasattr(model, "run_with_cache") and hasattr(model, "original_model"):
-        return model
-    raise AquinError(
-        f"model must be a catalog slug, a model directory or a TransformerBridge, "
-        f"got {type(model).__name__}"
-    )
-
-
-def _load_checkpoint(
-    checkpoint: Any, base: TransformerBridge, model: Any, device: str | None
-) -> tuple[TransformerBridge, str]:
-    from .models import load_model, wrap_bridge
-
-    if isinstance(checkpoint, (str, Path)):
-        path = Path(checkpoint).expanduser()
-        source = model if isinstance(model, (str, Path)) else base.cfg.model_name
-        bridge = load_model(source, path, device=device)
-        return bridge, path.stem if path.is_file() else path.name
-    if hasattr(checkpoint, "run_with_cache") and hasattr(checkpoint, "original_model"):
-        return checkpoint, _bridge_label(checkpoint)
-    if isinstance(checkpoint, torch.nn.Module) and hasattr(checkpoint, "config"):
-        label = getattr(checkpoint.config, "_name_or_path", "") or "checkpoint"
-        bridge = wrap_bridge(checkpoint.eval(), base.tokenizer, label, device=device)  # type: ignore[arg-type]
-        return bridge, label
-    raise AquinError(
-        f"checkpoint must be a path or a loaded model, got {type(checkpoint).__name__}"
-    )
+# The loaders moved to _diff_core (sae_trajectory shares them); these names stay for
+# the modules that import them from here.
+_bridge_label, _load_base, _load_checkpoint = bridge_label, load_base, load_checkpoint
 
 
 @verb("sae_diff")
@@ -132,56 +96,16 @@ def sae_diff(
         >>> list(diff.top(3).columns[:5]), diff.summary["name"]
         (['feature', 'label', 'base', 'checkpoint', 'delta'], 'my-ft')
     """
-    if not 0 < fdr < 1:
-        raise AquinError(f"fdr must be between 0 and 1, got {fdr}")
-    if batch_size < 1:
-        raise AquinError(f"batch_size must be at least 1, got {batch_size}")
-    if fit not in FIT_MODES:
-        raise AquinError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
-    base = _load_base(model, device)
-    model_label = (
-        _bridge_label(base)
-        if not isinstance(model, (str, Path))
-        else str(getattr(base, "aquin_label", model))
-    )
-    n_layers, d_model = int(base.cfg.n_layers), int(base.cfg.d_model)
-    if layer is not None and not 0 <= layer < n_layers:
-        raise AquinError(
-            f"layer {layer} is out of range: {model_label} has {n_layers} layers (0-{n_layers - 1})"
-        )
-    if sae is None:
-        entry = find_entry(str(model) if isinstance(model, (str, Path)) else model_label)
-        if entry is None:
-            raise AquinError(
-                f"no public SAE is catalogued for {model_label}; pass sae= (a slug, "
-                f"RELEASE:SAE_ID, a SAELens directory or a .pt file)"
-            )
-        sae = entry.slug
-    sae_obj = load_sae(sae, layer)
-    numerics = sae_numerics(sae_obj, layer)
-    check_sae_fits(sae_obj, d_model, n_layers, numerics.layer, model_label)
-    texts = load_prompts(prompts, base.tokenizer)
-    if len(texts) < 2:
-        raise AquinError("sae_diff needs at least 2 prompts for the paired test across prompts")
-
-    ckpt, default_name = _load_checkpoint(checkpoint, base, model, device)
-    if int(ckpt.cfg.d_model) != d_model or int(ckpt.cfg.n_layers) != n_layers:
-        raise AquinError(
-            f"checkpoint has d_model {ckpt.cfg.d_model} and {ckpt.cfg.n_layers} layers, "
-            f"but {model_label} has {d_model} and {n_layers}"
-        )
-    prepare_bridge(base, numerics)
+    check_options(fdr, batch_size, fit)
+    prepared = prepare(model, prompts, layer, sae, device, "sae_diff")
+    base, model_label, numerics = prepared.base, prepared.model_label, prepared.numerics
+    sae_obj, token_lists, d_model = prepared.sae, prepared.token_lists, prepared.d_model
+    ckpt, default_name = load_checkpoint(checkpoint, base, model, device)
+    prepared.check_architecture(ckpt)
     prepare_bridge(ckpt, numerics)
-    sae_device = next(base.original_model.parameters()).device
-    sae_obj = sae_obj.to(sae_device)
+    sae_device = prepared.device
     sae_dtype = sae_obj.W_dec.dtype
 
-    token_lists = tokenize_prompts(
-        base.tokenizer,
-        texts,
-        prepend_bos=numerics.prepend_bos,
-        max_length=context_length(base, numerics),
-    )
     d_sae = int(sae_obj.W_dec.shape[0])
     stats = PairedFeatureStats(d_sae)
     base_fit, checkpoint_fit = FitStats(d_model), FitStats(d_model)
@@ -213,31 +137,24 @@ def sae_diff(
                     )
 
     attribution = attribute(shift_stats.per_prompt(), sae_obj.W_dec)
-    features = _feature_frame(stats, attribution, fdr, min_rel_delta, min_abs_delta)
+    features = feature_frame(stats, fdr, min_rel_delta, min_abs_delta, attribution)
     features = _with_labels(features, base, sae_obj)
     sides = {
-        "base": {
-            "explained_variance": base_fit.explained_variance(),
-            "l0": float(stats.base_fires.sum()) / stats.n_tokens,
-            **downstream["base"].figures(),
-        },
-        "checkpoint": {
-            "explained_variance": checkpoint_fit.explained_variance(),
-            "l0": float(stats.checkpoint_fires.sum()) / stats.n_tokens,
-            **downstream["checkpoint"].figures(),
-        },
+        "base": fit_side(base_fit, stats.base_fires, stats.n_tokens, downstream["base"]),
+        "checkpoint": fit_side(
+            checkpoint_fit, stats.checkpoint_fires, stats.n_tokens, downstream["checkpoint"]
+        ),
     }
-    verdict, reasons = fit_verdict(sides["base"], sides["checkpoint"])
-    fit_summary: dict[str, Any] = {
-        **sides,
-        "mode": fit,
-        "n_prompts_downstream": min(n_downstream, len(token_lists)),
-        "verdict": verdict,
-        "reasons": reasons,
-        "warning": _fit_warning(verdict, reasons, model_label, numerics.layer, checkpoint),
-    }
-    if fit_summary["warning"]:
-        logger.warning(fit_summary["warning"])
+    fit_report = fit_summary(
+        sides,
+        fit,
+        min(n_downstream, len(token_lists)),
+        model_label=model_label,
+        layer=numerics.layer,
+        checkpoint=checkpoint,
+    )
+    if fit_report["warning"]:
+        logger.warning(fit_report["warning"])
     abs_delta = features["abs_delta"].to_numpy()
     summary = {
         "n_features": d_sae,
@@ -251,13 +168,8 @@ def sae_diff(
         "model": model_label,
         "checkpoint": str(checkpoint) if isinstance(checkpoint, (str, Path)) else default_name,
         "name": name or default_name,
-        "fit": fit_summary,
-        "criteria": {
-            "test": "paired t-test across prompts, Benjamini-Hochberg",
-            "fdr": fdr,
-            "min_rel_delta": min_rel_delta,
-            "min_abs_delta": min_abs_delta,
-        },
+        "fit": fit_report,
+        "criteria": criteria(fdr, min_rel_delta, min_abs_delta),
         "shift": _shift_summary(base, attribution, features),
         "tool_version": __version__,
     }
@@ -265,23 +177,6 @@ def sae_diff(
         base, ckpt, sae_obj, numerics.hook_name, token_lists, numerics.prepend_bos, numerics
     )
     return SaeDiff(summary=summary, features=features, live=live)
-
-
-def _fit_warning(
-    verdict: str, reasons: list[str], model: str, layer: int, checkpoint: Any
-) -> str | None:
-    """One line for a ``warn`` or ``fail`` verdict; a fail names the remedy."""
-    if verdict == "pass":
-        return None
-    why = "; ".join(reasons)
-    if verdict == "warn":
-        return f"the public dictionary may no longer fit: {why}"
-    where = f" --checkpoint {checkpoint}" if isinstance(checkpoint, (str, Path)) else ""
-    return (
-        f"the SAE does not fit, or no longer fits ({why}); its features are not trustworthy "
-        f"here: train a "
-        f"temporary SAE with `aquin-nb sae train --model {model} --layer {layer}{where}`"
-    )
 
 
 LABELED = 200
@@ -324,42 +219,3 @@ def _shift_summary(bridge: Any, attribution: Any, features: pd.DataFrame) -> dic
         summary["promoted"] = decode_tokens(bridge.tokenizer, lens.top[0].tolist())
         summary["suppressed"] = decode_tokens(bridge.tokenizer, lens.bottom[0].tolist())
     return summary
-
-
-def _feature_frame(
-    stats: PairedFeatureStats,
-    attribution: Any,
-    fdr: float,
-    min_rel_delta: float,
-    min_abs_delta: float,
-) -> pd.DataFrame:
-    from scipy.stats import false_discovery_control
-
-    base = (stats.base_sum / stats.n_tokens).numpy()
-    checkpoint = (stats.checkpoint_sum / stats.n_tokens).numpy()
-    delta = checkpoint - base
-    abs_delta = np.abs(delta)
-    p_values = stats.paired_t_pvalues()
-    q_values = false_discovery_control(p_values, method="bh")
-    effect = (abs_delta >= min_rel_delta * np.maximum(base, checkpoint)) & (
-        abs_delta >= min_abs_delta
-    )
-    frame = pd.DataFrame(
-        {
-            "feature": np.arange(len(base)),
-            "label": pd.Series([None] * len(base), dtype=object),
-            "base": base,
-            "checkpoint": checkpoint,
-            "delta": delta,
-            "abs_delta": abs_delta,
-            "shift": attribution.shift,
-            "shift_q": false_discovery_control(attribution.p_value, method="bh"),
-            "base_freq": (stats.base_fires / stats.n_tokens).numpy(),
-            "checkpoint_freq": (stats.checkpoint_fires / stats.n_tokens).numpy(),
-            "p_value": p_values,
-            "q_value": q_values,
-            "changed": (q_values <= fdr) & effect,
-        }
-    )
-    frame = frame.sort_values(["abs_delta", "feature"], ascending=[False, True], kind="stable")
-    return frame.reset_index(drop=True)

@@ -41,11 +41,11 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from ._activations import token_batches, tokenize_prompts
+from ._diff_core import bridge_label, load_base, load_checkpoint
 from ._errors import AquinError
 from ._lens import logit_lens
 from ._quiet import quiet_unless_progress
 from ._verbs import verb
-from .diff import _bridge_label, _load_base, _load_checkpoint
 from .probes import load_prompts
 from .results import PROMOTED_COLUMNS, TOKEN_COLUMNS, ModelDiff
 
@@ -194,9 +194,9 @@ def model_diff(
     """
     if batch_size < 1:
         raise AquinError(f"batch_size must be at least 1, got {batch_size}")
-    base = _load_base(model, device)
+    base = load_base(model, device)
     model_label = (
-        _bridge_label(base)
+        bridge_label(base)
         if not isinstance(model, (str, Path))
         else str(getattr(base, "aquin_label", model))
     )
@@ -209,7 +209,7 @@ def model_diff(
                 f"prompt {index} ({texts[index][:40]!r}) is shorter than 2 tokens; "
                 "model_diff compares next-token predictions inside each prompt"
             )
-    ckpt, default_name = _load_checkpoint(checkpoint, base, model, device)
+    ckpt, default_name = load_checkpoint(checkpoint, base, model, device)
     n_layers = int(base.cfg.n_layers)
     modules = _module_rows(base, ckpt)
 

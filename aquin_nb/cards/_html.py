@@ -222,6 +222,11 @@ def histogram_svg(section: dict[str, Any], width: int = 460, height: int = 120) 
 
 
 def heatmap_svg(section: dict[str, Any], cell: int = 14) -> str:
+    """A square cosine matrix (``cosine``, ``a``, ``b``: 0 white to 1 blue), or a labelled
+    rows x columns matrix (``values``, ``row_labels``, ``column_labels``) on a diverging
+    scale: positive red, negative blue, null grey."""
+    if "values" in section:
+        return _labelled_heatmap_svg(section, cell)
     matrix = section["cosine"]
     if not matrix:
         return ""
@@ -242,25 +247,123 @@ def heatmap_svg(section: dict[str, Any], cell: int = 14) -> str:
     )
 
 
-def line_svg(section: dict[str, Any], width: int = 460, height: int = 120) -> str:
-    xs, ys = section["x"], section["y"]
-    if not xs:
+def _labelled_heatmap_svg(section: dict[str, Any], cell: int) -> str:
+    matrix = section["values"]
+    rows, columns = section["row_labels"], section["column_labels"]
+    if not matrix or not columns:
         return ""
-    x_low, x_high = min(xs), max(xs) or 1
-    y_low, y_high = min(ys), max(ys)
-    span_x, span_y = (x_high - x_low) or 1, (y_high - y_low) or 1
-    points = " ".join(
-        f"{(x - x_low) / span_x * (width - 50) + 45:.1f},{(1 - (y - y_low) / span_y) * (height - 20) + 5:.1f}"
-        for x, y in zip(xs, ys, strict=True)
+    left, top = 48, 14
+    width_of = max(cell, min(36, 420 // len(columns)))  # few columns: wider cells
+    every = -(-34 // width_of)  # a column label at least every 34 px
+    finite = [abs(v) for row in matrix for v in row if isinstance(v, (int, float))]
+    extent = max(finite, default=0.0) or 1.0
+    what = _escape(section.get("value_label", "value"))
+    row_name, column_name = (
+        _escape(section.get("row_name", "row")),
+        _escape(section.get("column_name", "column")),
     )
+    shapes = []
+    for j, label in enumerate(columns):
+        if j % every == 0:
+            shapes.append(
+                f'<text x="{left + j * width_of + width_of / 2:.1f}" y="{top - 3}" '
+                f'text-anchor="middle">{_escape(label)}</text>'
+            )
+    for i, row in enumerate(matrix):
+        y = top + i * cell
+        shapes.append(
+            f'<text x="{left - 4}" y="{y + cell - 3}" text-anchor="end">{_escape(rows[i])}</text>'
+        )
+        for j, value in enumerate(row):
+            if isinstance(value, (int, float)):
+                shade = max(-1.0, min(1.0, value / extent))
+                fade = int(255 - 200 * abs(shade))
+                color = f"rgb(255,{fade},{fade})" if shade > 0 else f"rgb({fade},{fade},255)"
+                text = f"{value:.4g}"
+            else:
+                color, text = "#e4e7eb", "not tracked"
+            shapes.append(
+                f'<rect x="{left + j * width_of}" y="{y}" width="{width_of}" height="{cell}" '
+                f'fill="{color}"><title>{row_name} {_escape(rows[i])} · {column_name} '
+                f"{_escape(columns[j])}: {what} {_escape(text)}</title></rect>"
+            )
+    width, height = left + width_of * len(columns) + 2, top + cell * len(matrix) + 2
+    return (
+        f'<svg class="aquin-heatmap" width="{width}" height="{height}" '
+        f'xmlns="http://www.w3.org/2000/svg" role="img">{"".join(shapes)}</svg>'
+    )
+
+
+LINE_COLORS = ("#5b8def", "#d64550", "#2e9e6a", "#e08a1e", "#8a5bd6", "#3bb0c9", "#c44dbb")
+
+
+def _line_series(section: dict[str, Any]) -> list[dict[str, Any]]:
+    """Several named series (``series``), or the single ``x``/``y`` of older specs."""
+    if "series" in section:
+        return [s for s in section["series"] if s["x"]]
+    return [{"name": "", "x": section["x"], "y": section["y"]}] if section["x"] else []
+
+
+def line_svg(section: dict[str, Any], width: int = 460, height: int = 120) -> str:
+    """Lines over a shared x axis (``x_range`` fixes it, so several charts align); a null
+    y leaves a gap; more than one series, or a named one, gets a legend."""
+    series = _line_series(section)
+    if not series:
+        return ""
+    xs = [x for s in series for x in s["x"]]
+    ys = [y for s in series for y in s["y"] if y is not None]
+    x_low, x_high = section.get("x_range") or (min(xs), max(xs) or 1)
+    y_low, y_high = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    span_x, span_y = (x_high - x_low) or 1, (y_high - y_low) or 1
+    plot_height = height
+
+    def point(x: float, y: float) -> str:
+        return (
+            f"{(x - x_low) / span_x * (width - 50) + 45:.1f},"
+            f"{(1 - (y - y_low) / span_y) * (plot_height - 20) + 5:.1f}"
+        )
+
+    shapes = [
+        f'<text x="40" y="12" text-anchor="end">{y_high:.3g}</text>',
+        f'<text x="40" y="{plot_height - 15}" text-anchor="end">{y_low:.3g}</text>',
+        f'<text x="{width - 5}" y="{plot_height - 2}" text-anchor="end">'
+        f"{_escape(section.get('x_label', 'step'))} {_escape(x_high)}</text>",
+    ]
+    if section.get("x_range"):
+        shapes.append(f'<text x="45" y="{plot_height - 2}">{_escape(x_low)}</text>')
+    named = len(series) > 1 or any(s.get("name") for s in series)
+    for index, line in enumerate(series):
+        color = LINE_COLORS[index % len(LINE_COLORS)]
+        runs: list[list[str]] = [[]]
+        for x, y in zip(line["x"], line["y"], strict=True):
+            if y is None:
+                runs.append([])
+            else:
+                runs[-1].append(point(x, y))
+        title = f"<title>{_escape(line.get('name', ''))}</title>" if line.get("name") else ""
+        for run in runs:
+            if len(run) == 1:
+                cx, cy = run[0].split(",")
+                shapes.append(f'<circle cx="{cx}" cy="{cy}" r="2" fill="{color}">{title}</circle>')
+            elif run:
+                shapes.append(
+                    f'<polyline fill="none" stroke="{color}" stroke-width="1.5" '
+                    f'points="{" ".join(run)}">{title}</polyline>'
+                )
+    if named:
+        per_row = 3
+        for index, line in enumerate(series):
+            row, column = divmod(index, per_row)
+            x, y = 45 + column * (width - 50) / per_row, height + 12 + row * 14
+            shapes.append(
+                f'<rect x="{x:.1f}" y="{y - 8}" width="10" height="3" '
+                f'fill="{LINE_COLORS[index % len(LINE_COLORS)]}"/>'
+                f'<text x="{x + 14:.1f}" y="{y - 3}">{_escape(line.get("name", ""))}</text>'
+            )
+        height += 6 + 14 * ((len(series) + per_row - 1) // per_row)
     return (
         f'<svg class="aquin-bars aquin-line" width="{width}" height="{height}" '
-        f'xmlns="http://www.w3.org/2000/svg" role="img">'
-        f'<text x="40" y="12" text-anchor="end">{y_high:.3g}</text>'
-        f'<text x="40" y="{height - 15}" text-anchor="end">{y_low:.3g}</text>'
-        f'<text x="{width - 5}" y="{height - 2}" text-anchor="end">'
-        f"{_escape(section.get('x_label', 'step'))} {x_high}</text>"
-        f'<polyline fill="none" stroke="#5b8def" stroke-width="1.5" points="{points}"/></svg>'
+        f'xmlns="http://www.w3.org/2000/svg" role="img">{"".join(shapes)}</svg>'
     )
 
 

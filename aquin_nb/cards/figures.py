@@ -156,6 +156,21 @@ def _histogram(section: dict[str, Any], result: Any) -> Any:
 def _heatmap(section: dict[str, Any], result: Any) -> Any:
     import plotly.graph_objects as go
 
+    if "values" in section:  # a labelled matrix on a diverging scale (the trajectory's)
+        rows, columns = section.get("row_name", "row"), section.get("column_name", "column")
+        fig = go.Figure(
+            go.Heatmap(
+                z=section["values"],
+                x=[f"{columns} {value}" for value in section["column_labels"]],
+                y=[f"{rows} {value}" for value in section["row_labels"]],
+                colorscale="RdBu",
+                reversescale=True,
+                zmid=0.0,
+                colorbar={"title": section.get("value_label", "value")},
+            )
+        )
+        fig.update_yaxes(autorange="reversed")
+        return fig
     # Categories as strings: numeric ids would make plotly space the cells by value.
     fig = go.Figure(
         go.Heatmap(
@@ -183,5 +198,7 @@ def _line(section: dict[str, Any], result: Any) -> Any:
         ]
     )
     fig.update_xaxes(title=section.get("x_label", "step"))
+    if section.get("x_range"):  # the card's shared step axis
+        fig.update_xaxes(range=list(section["x_range"]))
     fig.update_layout(showlegend=len(series) > 1)
     return fig

@@ -65,6 +65,13 @@ def _full_frame(result: Any, kind: str, section: dict[str, Any]) -> pd.DataFrame
         "sae_align": lambda: result.pairs,
         "sae_train": lambda: result.features,
         "model_diff": lambda: result.tokens,
+        # every feature that changed at some step, with the labels the summary carries
+        "sae_trajectory": lambda: result.features.assign(
+            label=[
+                (result.summary.get("labels") or {}).get(str(feature))
+                for feature in result.features["feature"]
+            ]
+        ),
     }
     if result is None or kind not in frames:
         return None

@@ -133,6 +133,7 @@ def test_a_listener_sees_one_start_and_one_result_per_verb_and_not_inner_verbs(
         )
         rows = [{"instruction": "Bake bread.", "response": "Preheat the oven."}] * 4
         aquin_nb.simulate("tiny-gpt2", rows, steps=5, output=tmp_path / "s.pt", progress=False)
+        aquin_nb.sae_trajectory("tiny-gpt2", {0: copy_pt}, fit="off", progress=False)
         with pytest.raises(aquin_nb.AquinError):
             aquin_nb.sae_diff("tiny-gpt2", tmp_path / "missing.pt", progress=False)
     finally:
@@ -145,6 +146,7 @@ def test_a_listener_sees_one_start_and_one_result_per_verb_and_not_inner_verbs(
         "capture_activations",
         "sae_train",
         "simulate",
+        "sae_trajectory",
         "sae_diff",
     ]
     assert [(e.tool, e.phase) for e in seen] == [
@@ -161,6 +163,7 @@ def test_a_listener_sees_one_start_and_one_result_per_verb_and_not_inner_verbs(
         "capture",
         "sae_train",
         "simulation",
+        "sae_trajectory",
     ]
     assert results[-1] is None and "missing.pt" in str(seen[-1].error)
     assert {type(r).verb for r in results[:-1]} == set(_verbs.VERBS)
@@ -226,9 +229,12 @@ def test_results_round_trip_and_render_from_json_without_torch(tmp_path, tiny_sa
         "tiny-gpt2", rows, steps=5, output=tmp_path / "s.pt", progress=False
     )
     model = aquin_nb.model_diff("tiny-gpt2", copy_pt, progress=False)
+    trajectory = aquin_nb.sae_trajectory(
+        "tiny-gpt2", {0: copy_pt, 5: tmp_path / "s.pt"}, fit="off", progress=False
+    )
     boards = aquin_nb.feature_dashboards("tiny-gpt2", corpus=TINY_CORPUS, k=2, progress=False)
     paths = {}
-    for result in (diff, capture, trained, align, simulation, model, boards):
+    for result in (diff, capture, trained, align, simulation, model, trajectory, boards):
         path = result.to_json(tmp_path / f"{result.kind}.json")
         again = type(result).from_json(path)
         assert again.summary == json.loads(json.dumps(result.summary))

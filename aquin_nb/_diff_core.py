@@ -1,0 +1,256 @@
+"""What `sae_diff` and `sae_trajectory` share: loading, checks, the feature frame, the fit.
+
+Both verbs compare checkpoints with one base model through one SAE, so the
+steps before the comparison (resolve and check the base, the SAE and the
+prompts) and after it (per-feature frame, the "changed" test, the fit verdict)
+live here once. What differs is the loop in between: `sae_diff` runs base and
+checkpoint batch by batch side by side; `sae_trajectory` runs the base once
+and then each checkpoint (`aquin_nb._passes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ._activations import context_length, prepare_bridge, tokenize_prompts
+from ._errors import AquinError
+from ._fit import FIT_MODES, fit_verdict
+from ._stats import FitStats, PairedFeatureStats
+from .catalog import find_entry
+from .probes import load_prompts
+from .saes import SaeNumerics, check_sae_fits, load_sae, sae_numerics
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+
+def bridge_label(bridge: Any) -> str:
+    return str(getattr(bridge, "aquin_label", None) or getattr(bridge.cfg, "model_name", "model"))
+
+
+def is_bridge(value: Any) -> bool:
+    return hasattr(value, "run_with_cache") and hasattr(value, "original_model")
+
+
+def load_base(model: Any, device: str | None) -> TransformerBridge:
+    from .models import load_model
+
+    if isinstance(model, (str, Path)):
+        return load_model(model, device=device)
+    if is_bridge(model):
+        return model
+    raise AquinError(
+        f"model must be a catalog slug, a model directory or a TransformerBridge, "
+        f"got {type(model).__name__}"
+    )
+
+
+def load_checkpoint(
+    checkpoint: Any, base: TransformerBridge, model: Any, device: str | None
+) -> tuple[TransformerBridge, str]:
+    """A bridge running ``checkpoint`` (a path or a loaded model) and its default label."""
+    from .models import load_model, wrap_bridge
+
+    if isinstance(checkpoint, (str, Path)):
+        path = Path(checkpoint).expanduser()
+        source = model if isinstance(model, (str, Path)) else base.cfg.model_name
+        bridge = load_model(source, path, device=device)
+        return bridge, path.stem if path.is_file() else path.name
+    if is_bridge(checkpoint):
+        return checkpoint, bridge_label(checkpoint)
+    if isinstance(checkpoint, torch.nn.Module) and hasattr(checkpoint, "config"):
+        label = getattr(checkpoint.config, "_name_or_path", "") or "checkpoint"
+        bridge = wrap_bridge(checkpoint.eval(), base.tokenizer, label, device=device)  # type: ignore[arg-type]
+        return bridge, label
+    raise AquinError(
+        f"checkpoint must be a path or a loaded model, got {type(checkpoint).__name__}"
+    )
+
+
+def check_options(fdr: float, batch_size: int, fit: str) -> None:
+    if not 0 < fdr < 1:
+        raise AquinError(f"fdr must be between 0 and 1, got {fdr}")
+    if batch_size < 1:
+        raise AquinError(f"batch_size must be at least 1, got {batch_size}")
+    if fit not in FIT_MODES:
+        raise AquinError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
+
+
+@dataclass
+class Prepared:
+    """The base side of a comparison, resolved and checked, ready for any checkpoint."""
+
+    base: TransformerBridge
+    model_label: str
+    n_layers: int
+    d_model: int
+    sae: Any
+    numerics: SaeNumerics
+    token_lists: list[list[int]]
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.sae.W_dec.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.original_model.parameters()).device
+
+    def check_architecture(self, bridge: Any, what: str = "checkpoint") -> None:
+        """Refuse a loaded checkpoint whose shape differs from the base's."""
+        if int(bridge.cfg.d_model) != self.d_model or int(bridge.cfg.n_layers) != self.n_layers:
+            raise AquinError(
+                f"{what} has d_model {bridge.cfg.d_model} and {bridge.cfg.n_layers} layers, "
+                f"but {self.model_label} has {self.d_model} and {self.n_layers}"
+            )
+
+
+def prepare(
+    model: Any,
+    prompts: Any,
+    layer: int | None,
+    sae: Any,
+    device: str | None,
+    verb_name: str,
+) -> Prepared:
+    """Load and check the base, the SAE (the catalog's when ``sae`` is None) and the prompts.
+
+    The base bridge is processed the way the SAE's numerics ask, the SAE moved to
+    the base's device, the prompts tokenised as the SAE expects.
+    """
+    base = load_base(model, device)
+    model_label = (
+        bridge_label(base)
+        if not isinstance(model, (str, Path))
+        else str(getattr(base, "aquin_label", model))
+    )
+    n_layers, d_model = int(base.cfg.n_layers), int(base.cfg.d_model)
+    if layer is not None and not 0 <= layer < n_layers:
+        raise AquinError(
+            f"layer {layer} is out of range: {model_label} has {n_layers} layers (0-{n_layers - 1})"
+        )
+    if sae is None:
+        entry = find_entry(str(model) if isinstance(model, (str, Path)) else model_label)
+        if entry is None:
+            raise AquinError(
+                f"no public SAE is catalogued for {model_label}; pass sae= (a slug, "
+                f"RELEASE:SAE_ID, a SAELens directory or a .pt file)"
+            )
+        sae = entry.slug
+    sae_obj = load_sae(sae, layer)
+    numerics = sae_numerics(sae_obj, layer)
+    check_sae_fits(sae_obj, d_model, n_layers, numerics.layer, model_label)
+    texts = load_prompts(prompts, base.tokenizer)
+    if len(texts) < 2:
+        raise AquinError(f"{verb_name} needs at least 2 prompts for the paired test across prompts")
+    prepare_bridge(base, numerics)
+    sae_obj = sae_obj.to(next(base.original_model.parameters()).device)
+    token_lists = tokenize_prompts(
+        base.tokenizer,
+        texts,
+        prepend_bos=numerics.prepend_bos,
+        max_length=context_length(base, numerics),
+    )
+    return Prepared(base, model_label, n_layers, d_model, sae_obj, numerics, token_lists)
+
+
+def feature_frame(
+    stats: PairedFeatureStats,
+    fdr: float,
+    min_rel_delta: float,
+    min_abs_delta: float,
+    attribution: Any = None,
+) -> pd.DataFrame:
+    """One row per feature, sorted by ``abs_delta``: `aquin_nb.results.FEATURE_COLUMNS`
+    (``label`` left None) when ``attribution`` (`aquin_nb._shift.attribute`) is given,
+    else without ``label``, ``shift`` and ``shift_q``."""
+    from scipy.stats import false_discovery_control
+
+    base = (stats.base_sum / stats.n_tokens).numpy()
+    checkpoint = (stats.checkpoint_sum / stats.n_tokens).numpy()
+    delta = checkpoint - base
+    abs_delta = np.abs(delta)
+    p_values = stats.paired_t_pvalues()
+    q_values = false_discovery_control(p_values, method="bh")
+    effect = (abs_delta >= min_rel_delta * np.maximum(base, checkpoint)) & (
+        abs_delta >= min_abs_delta
+    )
+    columns: dict[str, Any] = {"feature": np.arange(len(base))}
+    if attribution is not None:
+        columns["label"] = pd.Series([None] * len(base), dtype=object)
+    columns.update(base=base, checkpoint=checkpoint, delta=delta, abs_delta=abs_delta)
+    if attribution is not None:
+        columns["shift"] = attribution.shift
+        columns["shift_q"] = false_discovery_control(attribution.p_value, method="bh")
+    columns.update(
+        base_freq=(stats.base_fires / stats.n_tokens).numpy(),
+        checkpoint_freq=(stats.checkpoint_fires / stats.n_tokens).numpy(),
+        p_value=p_values,
+        q_value=q_values,
+        changed=(q_values <= fdr) & effect,
+    )
+    frame = pd.DataFrame(columns)
+    frame = frame.sort_values(["abs_delta", "feature"], ascending=[False, True], kind="stable")
+    return frame.reset_index(drop=True)
+
+
+def fit_side(fit: FitStats, fires: torch.Tensor, n_tokens: int, downstream: Any) -> dict[str, Any]:
+    """One model's fit figures: explained variance, L0 and the downstream figures."""
+    return {
+        "explained_variance": fit.explained_variance(),
+        "l0": float(fires.sum()) / n_tokens,
+        **downstream.figures(),
+    }
+
+
+def fit_summary(
+    sides: dict[str, dict[str, Any]],
+    mode: str,
+    n_downstream: int,
+    *,
+    model_label: str,
+    layer: int,
+    checkpoint: Any,
+) -> dict[str, Any]:
+    """``sides`` (base, checkpoint) with the verdict, its reasons and the warning line."""
+    verdict, reasons = fit_verdict(sides["base"], sides["checkpoint"])
+    return {
+        **sides,
+        "mode": mode,
+        "n_prompts_downstream": n_downstream,
+        "verdict": verdict,
+        "reasons": reasons,
+        "warning": fit_warning(verdict, reasons, model_label, layer, checkpoint),
+    }
+
+
+def fit_warning(
+    verdict: str, reasons: list[str], model: str, layer: int, checkpoint: Any
+) -> str | None:
+    """One line for a ``warn`` or ``fail`` verdict; a fail names the remedy."""
+    if verdict == "pass":
+        return None
+    why = "; ".join(reasons)
+    if verdict == "warn":
+        return f"the public dictionary may no longer fit: {why}"
+    where = f" --checkpoint {checkpoint}" if isinstance(checkpoint, (str, Path)) else ""
+    return (
+        f"the SAE does not fit, or no longer fits ({why}); its features are not trustworthy "
+        f"here: train a "
+        f"temporary SAE with `aquin-nb sae train --model {model} --layer {layer}{where}`"
+    )
+
+
+def criteria(fdr: float, min_rel_delta: float, min_abs_delta: float) -> dict[str, Any]:
+    return {
+        "test": "paired t-test across prompts, Benjamini-Hochberg",
+        "fdr": fdr,
+        "min_rel_delta": min_rel_delta,
+        "min_abs_delta": min_abs_delta,
+    }
