@@ -203,6 +203,7 @@ def _cmd_sae_train(args: argparse.Namespace) -> None:
         name=args.name,
         output=args.out_dir,
         context_size=args.context_size,
+        device=args.device,
         progress=not args.quiet,
     )
     _show(args, trained)

@@ -65,6 +65,7 @@ def collect_from_model(
     d_model: int,
     progress: bool,
     context_size: int,
+    device: str | None = None,
 ) -> torch.Tensor:
     """Residual activations at the SAE's hook, cached in ``cache_dir`` chunk by chunk.
 
@@ -80,7 +81,7 @@ def collect_from_model(
         if len(cached) >= max_tokens:
             logger.info("reusing %d cached activations from %s", len(cached), cache_dir)
             return cached[:max_tokens]
-    bridge = load_model(model, checkpoint)
+    bridge = load_model(model, checkpoint, device=device)
     prepare_bridge(bridge, numerics)
     max_length = context_size
     if prompts is not None:
@@ -92,14 +93,14 @@ def collect_from_model(
         token_lists = corpus_windows(bridge.tokenizer, numerics.prepend_bos, max_length)
     chunks, collected, index = [], 0, 0
     bar = tqdm(total=max_tokens, desc=f"collect layer {layer}", disable=not progress, unit="tok")
-    device = next(bridge.original_model.parameters()).device
+    model_device = next(bridge.original_model.parameters()).device
     batches = token_batches(
         token_lists, batch_size=rows_per_batch(max_length), skip_first=numerics.prepend_bos
     )
     with torch.no_grad():
         for batch in batches:
             acts = (
-                residual(bridge, batch.tokens, numerics.hook_name)[batch.mask.to(device)]
+                residual(bridge, batch.tokens, numerics.hook_name)[batch.mask.to(model_device)]
                 .float()
                 .cpu()
             )

@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", help="where the trained SAE goes (default ~/.aquin_nb/sae/user/...)"
     )
     train.add_argument("--context-size", type=int, help=CONTEXT_HELP.format(what="corpus windows"))
+    train.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     train.add_argument("--json", help=argparse.SUPPRESS)  # deprecated spelling of --output
 
     align = _verb_parser(

@@ -139,6 +139,7 @@ def sae_train(
     k: int = 32,
     seed: int = 0,
     context_size: int | None = None,
+    device: str | None = None,
     progress: bool = True,
 ) -> TrainedSae:
     """Train a temporary SAE on ``layer`` of the model or checkpoint, with SAELens's trainer.
@@ -154,8 +155,9 @@ def sae_train(
     anything `load_sae` takes; by default the catalog's for the model): feature
     identities are kept, so each feature's decoder rotation is a finding (the
     stage-wise model-diffing approach), and far fewer tokens are needed.
-    ``quick`` trains on 120k tokens for a smoke run. Ctrl-C stops training and
-    still writes what was trained so far (``summary["interrupted"]``).
+    ``quick`` trains on 120k tokens for a smoke run. The model runs, and the SAE
+    trains, on ``device`` (default: CUDA when available, as `load_model`). Ctrl-C
+    stops training and still writes what was trained so far (``summary["interrupted"]``).
 
     Output: ``~/.aquin_nb/sae/user/<model>/<name>/sae_layer<N>.pt`` (``{cfg,
     state_dict}``) and a SAELens directory ``sae_layer<N>/`` beside it; ``output``
@@ -249,6 +251,7 @@ def sae_train(
             d_model,
             progress,
             corpus_context,
+            device,
         )
     if len(data) < 20:
         raise AquinError(f"only {len(data)} activations to train on; give more prompts")
@@ -287,6 +290,7 @@ def sae_train(
         n_batches_for_norm_estimate=10,
         dead_feature_window=max(50, total_steps // 4),
         feature_sampling_window=max(100, total_steps // 2),
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     trainer = _recording_trainer_class()(
         cfg=trainer_cfg, sae=sae, data_provider=Batches(train, effective_batch, seed)

@@ -42,7 +42,15 @@ import pytest
 import torch
 
 import aquin_nb
-from aquin_nb import capture_activations, model_diff, sae_align, sae_diff, sae_train, simulate
+from aquin_nb import (
+    AquinError,
+    capture_activations,
+    model_diff,
+    sae_align,
+    sae_diff,
+    sae_train,
+    simulate,
+)
 from aquin_nb._activations import prepare_bridge, residual, token_batches, tokenize_prompts
 from aquin_nb._architectures import Architecture, architecture_for
 from aquin_nb.demo.finetune import FINETUNE_DATA, finetune_lora
@@ -349,3 +357,13 @@ def test_lora_recipe_adapts_the_tables_modules_in_every_block(zoo, tmp_path):
     assert moved == expected
     diff = sae_diff(zoo.model_dir, path, sae=zoo.sae_dir, fit="off", progress=False)
     assert diff.summary["max_abs_delta"] > 0
+
+
+def test_lora_recipe_refuses_target_modules_the_model_lacks(tmp_path):
+    with pytest.raises(
+        AquinError, match=r"cannot put LoRA on tiny-gpt2 with target_modules \['q_proj'\]"
+    ):
+        finetune_lora(
+            "tiny-gpt2", run_dir=tmp_path / "run", target_modules=["q_proj"], progress=False
+        )
+    assert not (tmp_path / "run").exists()

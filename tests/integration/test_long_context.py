@@ -171,3 +171,32 @@ def test_peak_memory_of_a_corpus_pass_stays_bounded(long_model, tmp_path):
         )["activations"].shape[1]
         == 64
     )
+
+
+def test_training_from_a_capture_keeps_the_captures_context(long_model, tmp_path):
+    capture_activations(
+        long_model, output=tmp_path / "cap", layers=[1], context_size=256, progress=False
+    )
+    trained = sae_train(
+        long_model,
+        1,
+        activations=tmp_path / "cap",
+        init_from="scratch",
+        d_sae=64,
+        steps=3,
+        batch_size=64,
+        output=tmp_path / "sae",
+        progress=False,
+    )
+    assert trained.load().cfg.metadata.context_size == trained.summary["context_size"] == 256
+    with pytest.raises(AquinError, match=r"context_size 512 does not match the capture in .*256"):
+        sae_train(
+            long_model,
+            1,
+            activations=tmp_path / "cap",
+            init_from="scratch",
+            context_size=512,
+            output=tmp_path / "other",
+            progress=False,
+        )
+    assert not (tmp_path / "other").exists()
