@@ -36,8 +36,6 @@ from ._errors import AquinError
 # memory grows with the square of the window.
 DEFAULT_CONTEXT_SIZE = 1024
 
-NORMS = ("layernorm", "rmsnorm")
-
 
 @dataclass(frozen=True)
 class Architecture:
@@ -61,7 +59,8 @@ class Architecture:
 
     @property
     def centres_residual(self) -> bool:
-        """Whether ``center_writing_weights`` does anything (only LayerNorm ignores the mean)."""
+        """Whether ``center_writing_weights`` centres the residual stream: only under
+        LayerNorm, which ignores the mean; TransformerLens skips it for RMSNorm."""
         return self.norm == "layernorm"
 
     def block(self, layer: int) -> str:

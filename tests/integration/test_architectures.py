@@ -75,7 +75,6 @@ class Zoo:
     arch: Architecture
     model_dir: Path
     sae_dir: Path
-    sae: object
     base_state: dict[str, torch.Tensor]
     planted_feature: int
     planted_keys: set[str]
@@ -177,7 +176,7 @@ def zoo(request, tmp_path_factory) -> Zoo:
     planted_pt, copy_pt = root / "planted.pt", root / "copy.pt"
     torch.save({"step": 1, "state_dict": planted}, planted_pt)
     torch.save({"step": 0, "state_dict": base_state}, copy_pt)
-    return Zoo(arch, model_dir, sae_dir, sae, base_state, feature, keys, planted_pt, copy_pt)
+    return Zoo(arch, model_dir, sae_dir, base_state, feature, keys, planted_pt, copy_pt)
 
 
 def _hooked_feature_means(hf_model, tokenizer, sae) -> torch.Tensor:
