@@ -7,7 +7,7 @@ STAMP := $(VENV)/.aquin-installed
 # build. pyproject keeps torch's range open for GPU users.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: env demo test test-all lint typecheck browser-deps artifacts bench clean
+.PHONY: env demo test test-all lint typecheck browser-deps artifacts bench bench-gpu clean
 
 env: $(STAMP)
 
@@ -53,6 +53,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/diff.py
 	$(PY) benchmarks/align.py
 	$(PY) benchmarks/mirror.py
+
+# The diff and align benchmarks on CUDA in bfloat16 (needs a CUDA build of torch).
+bench-gpu: $(STAMP)
+	PYTHON=$(PY) bash benchmarks/gpu.sh
 
 clean:
 	rm -rf demo_out .pytest_cache .mypy_cache .ruff_cache

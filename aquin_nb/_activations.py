@@ -49,9 +49,20 @@ def prepare_bridge(bridge: TransformerBridge, numerics: SaeNumerics) -> None:
         )
 
 
-def context_length(bridge: TransformerBridge, numerics: SaeNumerics) -> int:
-    n_ctx = int(bridge.cfg.n_ctx)
-    return min(n_ctx, numerics.context_size) if numerics.context_size else n_ctx
+def context_length(
+    bridge: TransformerBridge, numerics: SaeNumerics, requested: int | None = None
+) -> int:
+    """Tokens per window: ``requested``, else the SAE's context size, else the training
+    default (`aquin_nb._architectures.DEFAULT_CONTEXT_SIZE`), never the model's maximum
+    context unless it is smaller; a ``requested`` size above the maximum is refused."""
+    from ._architectures import resolve_context_size
+
+    return resolve_context_size(
+        requested,
+        sae_context=numerics.context_size,
+        model_max=int(bridge.cfg.n_ctx),
+        label=str(getattr(bridge, "aquin_label", None) or "the model"),
+    )
 
 
 def tokenize_prompts(

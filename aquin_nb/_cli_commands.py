@@ -312,6 +312,7 @@ def _cmd_capture(args: argparse.Namespace) -> None:
         sae_layer=args.sae_layer,
         name=args.name,
         overwrite=args.overwrite,
+        context_size=args.context_size,
         progress=not args.quiet,
     )
     if args.output_json:
@@ -327,7 +328,7 @@ def _cmd_sae_train(args: argparse.Namespace) -> None:
     if args.json:
         _deprecated("--json FILE: use --output FILE")
         args.output = args.output or args.json
-    _check_outputs(args, args.checkpoint, args.activations, args.prompts)
+    _check_outputs(args, args.checkpoint, args.activations, args.prompts, args.sae)
     _quiet_library_loaders()
     from .train import sae_train
 
@@ -337,6 +338,7 @@ def _cmd_sae_train(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint,
         activations=args.activations,
         prompts=args.prompts,
+        sae=args.sae,
         init_from=args.init_from,
         architecture=args.architecture,
         d_sae=args.d_sae,
@@ -345,6 +347,8 @@ def _cmd_sae_train(args: argparse.Namespace) -> None:
         quick=args.quick,
         name=args.name,
         output=args.out_dir,
+        context_size=args.context_size,
+        device=args.device,
         progress=not args.quiet,
     )
     _show(args, trained)
@@ -369,6 +373,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         params=args.params,
         exact_linear=args.exact_linear,
         curvature=args.curvature,
+        context_size=args.context_size,
         progress=not args.quiet,
     )
     _show(args, simulation)

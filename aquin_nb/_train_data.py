@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from ._activations import (
-    context_length,
     prepare_bridge,
     residual,
     token_batches,
@@ -24,6 +23,22 @@ from .catalog import EMBEDDED_DIR
 from .probes import load_prompts
 
 logger = logging.getLogger(__name__)
+
+
+# Tokens per forward pass of a corpus collection: rows per batch shrink as windows grow,
+# so a pass at 1,024 tokens holds no more activations than one at 128 (and the
+# attention scores grow with the window, not its square times a fixed row count).
+TOKENS_PER_BATCH = 4096
+
+
+def rows_per_batch(context_size: int) -> int:
+    """Windows per forward pass so that a batch holds about `TOKENS_PER_BATCH` tokens."""
+    return max(1, TOKENS_PER_BATCH // context_size)
+
+
+def cache_dir_for(out_dir: Path, layer: int, context_size: int) -> Path:
+    """Where corpus activations are cached: one directory per layer and context size."""
+    return out_dir / f"_acts_layer{layer}_ctx{context_size}"
 
 
 def corpus_windows(tokenizer: Any, prepend_bos: bool, max_length: int) -> list[list[int]]:
@@ -49,8 +64,13 @@ def collect_from_model(
     max_tokens: int,
     d_model: int,
     progress: bool,
+    context_size: int,
+    device: str | None = None,
 ) -> torch.Tensor:
-    """Residual activations at the SAE's hook, cached in ``cache_dir`` chunk by chunk."""
+    """Residual activations at the SAE's hook, cached in ``cache_dir`` chunk by chunk.
+
+    Windows (corpus) or prompts (cut) are ``context_size`` tokens long, BOS included.
+    """
     from tqdm.auto import tqdm
 
     from .models import load_model
@@ -61,9 +81,9 @@ def collect_from_model(
         if len(cached) >= max_tokens:
             logger.info("reusing %d cached activations from %s", len(cached), cache_dir)
             return cached[:max_tokens]
-    bridge = load_model(model, checkpoint)
+    bridge = load_model(model, checkpoint, device=device)
     prepare_bridge(bridge, numerics)
-    max_length = context_length(bridge, numerics)
+    max_length = context_size
     if prompts is not None:
         texts = load_prompts(prompts, bridge.tokenizer)
         token_lists = tokenize_prompts(
@@ -73,12 +93,14 @@ def collect_from_model(
         token_lists = corpus_windows(bridge.tokenizer, numerics.prepend_bos, max_length)
     chunks, collected, index = [], 0, 0
     bar = tqdm(total=max_tokens, desc=f"collect layer {layer}", disable=not progress, unit="tok")
+    model_device = next(bridge.original_model.parameters()).device
+    batches = token_batches(
+        token_lists, batch_size=rows_per_batch(max_length), skip_first=numerics.prepend_bos
+    )
     with torch.no_grad():
-        for batch in token_batches(token_lists, batch_size=32, skip_first=numerics.prepend_bos):
+        for batch in batches:
             acts = (
-                residual(bridge, batch.tokens, numerics.hook_name)[
-                    batch.mask.to(next(bridge.original_model.parameters()).device)
-                ]
+                residual(bridge, batch.tokens, numerics.hook_name)[batch.mask.to(model_device)]
                 .float()
                 .cpu()
             )

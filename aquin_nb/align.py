@@ -72,12 +72,27 @@ def _unit_rows(matrix: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(matrix.detach().float().cpu(), dim=1)
 
 
+def _host_float32(rows: torch.Tensor) -> torch.Tensor:
+    """Unit rows as CPU float32: as given when they already are, else moved, widened and
+    normalised again (a bf16 unit row widened is off unit length by up to 2^-8)."""
+    rows = rows.detach()
+    if rows.dtype == torch.float32 and rows.device.type == "cpu":
+        return rows
+    return torch.nn.functional.normalize(rows.cpu().float(), dim=1)
+
+
 def match(
     a: torch.Tensor, b: torch.Tensor, method: str = "auto", *, progress: bool = True
 ) -> Assignment:
-    """Max-total-cosine matching of unit rows ``a`` to ``b`` (either may be wider)."""
+    """Max-total-cosine matching of unit rows ``a`` to ``b`` (either may be wider).
+
+    Rows on any device, in any dtype, are matched on the CPU in float32: the solver
+    interleaves NumPy with torch, and the sparse solver's bf16 error bound assumes
+    float32 accumulation, which CUDA's bf16 matmuls do not promise.
+    """
     if method not in ("auto", "dense", "sparse"):
         raise AquinError(f"method must be auto, dense or sparse, got {method!r}")
+    a, b = _host_float32(a), _host_float32(b)
     transpose = len(a) > len(b)
     rows, cols = (b, a) if transpose else (a, b)
     if method == "dense" or (method == "auto" and len(rows) * len(cols) <= DENSE_MAX_CELLS):

@@ -140,6 +140,7 @@ def capture_activations(
     name: str | None = None,
     overwrite: bool = False,
     batch_size: int = 16,
+    context_size: int | None = None,
     progress: bool = True,
 ) -> Capture:
     """Run prompts through the model (or checkpoint) and write residual activations.
@@ -150,6 +151,11 @@ def capture_activations(
     With ``encode_sae``, the public SAE's feature vectors for ``sae_layer`` are
     written too, sparse, to ``sae/sae_layer_<N>.pt``. Activations are produced with
     the public SAE's numerics (BOS, weight processing) so they are comparable.
+
+    Prompts are cut to ``context_size`` tokens (BOS included): by default the SAE's
+    own context size, else 1,024 (`aquin_nb._architectures.DEFAULT_CONTEXT_SIZE`),
+    or the model's maximum context when that is smaller. A ``context_size`` above
+    the model's maximum is refused. The manifest records it.
 
     Example:
         >>> capture_activations(
@@ -186,11 +192,9 @@ def capture_activations(
     else:
         texts = load_prompts(prompts, bridge.tokenizer)
     first = numerics[chosen[0]]
+    max_length = context_length(bridge, first, context_size)
     token_lists = tokenize_prompts(
-        bridge.tokenizer,
-        texts,
-        prepend_bos=first.prepend_bos,
-        max_length=context_length(bridge, first),
+        bridge.tokenizer, texts, prepend_bos=first.prepend_bos, max_length=max_length
     )
     plans = {layer: read_hook_plan(numerics[layer].hook_name) for layer in chosen}
     stop_at = max(stop for _, stop in plans.values())
@@ -237,6 +241,7 @@ def capture_activations(
         "shapes": shapes,
         "dtype": "float32",
         "prepend_bos": first.prepend_bos,
+        "context_size": max_length,
         "processing": first.processing,
         "sae_layer": sae_layer if sae_obj is not None else None,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -251,7 +256,7 @@ def _pool(acts: torch.Tensor, mask: torch.Tensor, position: str) -> torch.Tensor
         return acts[mask]
     if position == "last":
         last = mask.long().cumsum(1).argmax(1)  # index of the last counted token
-        return acts[torch.arange(len(acts)), last]
+        return acts[torch.arange(len(acts), device=acts.device), last]
     weights = mask.float()[..., None]
     return (acts * weights).sum(1) / weights.sum(1).clamp_min(1)
 

@@ -33,6 +33,11 @@ from ._cli_commands import (
 )
 from ._errors import AquinError
 
+CONTEXT_HELP = (
+    "tokens per window, BOS included, for {what} (default: the SAE's context size, else 1024; "
+    "never above the model's maximum)"
+)
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -237,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = train.add_mutually_exclusive_group()
     source.add_argument("--activations", help="a capture directory (aquin-nb capture)")
     source.add_argument("--prompts", help="a prompts/corpus file (default: the shipped corpus)")
+    train.add_argument(
+        "--sae", help="SAE to warm-start from and read like (default: the catalog's public one)"
+    )
     train.add_argument("--init-from", choices=["public", "scratch"], default="public")
     train.add_argument("--architecture", choices=["standard", "topk"], default="standard")
     train.add_argument("--d-sae", type=int, help="dictionary width (a warm start keeps the public)")
@@ -248,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--out-dir", help="where the trained SAE goes (default ~/.aquin_nb/sae/user/...)"
     )
+    train.add_argument("--context-size", type=int, help=CONTEXT_HELP.format(what="corpus windows"))
+    train.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     train.add_argument("--json", help=argparse.SUPPRESS)  # deprecated spelling of --output
 
     boards = _verb_parser(
@@ -315,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--name", help="label for the checkpoint")
     capture.add_argument("--output-json", action="store_true", help="print the result JSON")
     capture.add_argument("--overwrite", action="store_true", help="write into a non-empty dir")
+    capture.add_argument("--context-size", type=int, help=CONTEXT_HELP.format(what="prompts"))
 
     sim = _verb_parser(
         commands,
@@ -347,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="T steps of GD on the linearised model (jvp/vjp) instead",
     )
     sim.add_argument("--curvature", choices=["fisher", "hutchinson"], default="fisher")
+    sim.add_argument(
+        "--context-size",
+        type=int,
+        help="tokens per training row (default 1024, or the model's maximum if smaller)",
+    )
 
     watch = _verb_parser(
         commands,

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ._architectures import max_context, resolve_context_size
 from ._errors import AquinError
 from ._quiet import quiet_unless_progress
 from ._rows import batches_of, encode_rows, read_training_rows
@@ -58,10 +59,17 @@ CURVATURE_ROWS = 64
 # --------------------------------------------------------------------------- parameters
 
 
-def default_param_filter(sae_layer: int) -> str:
-    """Attention and MLP weight matrices of the blocks before the SAE's layer."""
-    blocks = "|".join(str(i) for i in range(max(sae_layer, 1)))
-    return rf"\.(h|layers)\.({blocks})\..*(attn|mlp).*weight$"
+def default_param_filter(model: Any, sae_layer: int) -> str:
+    """Attention and MLP weight matrices of the blocks before the SAE's layer.
+
+    Which modules those are comes from the architecture table
+    (`aquin_nb._architectures`); an architecture missing from it is refused with
+    the way around it: name the parameters with ``params=``.
+    """
+    from ._architectures import architecture_of
+
+    remedy = "pass params= (--params), a regex of the parameter names to move"
+    return architecture_of(model, remedy=remedy).moved_by_simulate(sae_layer)
 
 
 def select_params(model: torch.nn.Module, pattern: str) -> dict[str, torch.nn.Parameter]:
@@ -140,7 +148,9 @@ def gradient_and_curvature(
                 curve[name] += gs[name] ** 2
         else:
             z = {
-                name: (torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p.dtype)
+                name: (torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(
+                    device=p.device, dtype=p.dtype
+                )
                 for name, p in base.items()
             }
             _, hz = jvp(  # type: ignore[misc]
@@ -176,6 +186,7 @@ def simulate(
     curvature: str = "fisher",
     prompts: Any = None,
     seed: int = 0,
+    context_size: int | None = None,
     progress: bool = True,
 ) -> Simulation:
     """Forecast which SAE features a fine-tune on ``data`` would move, without training.
@@ -185,7 +196,9 @@ def simulate(
     near θ₀: on tiny-gpt2 it matches a real SGD fine-tune at lr 0.002 x 100 steps
     (top-20 overlap 0.6) and degrades beyond (0.45 at lr 0.004). ``params`` is a regex over parameter names; the default moves the
     attention and MLP weight matrices of the blocks before the SAE's layer (the
-    parameters that can change the SAE's input). The synthetic checkpoint goes to
+    parameters that can change the SAE's input; the architecture table says which
+    modules those are). Rows are cut to ``context_size`` tokens (default 1,024, or
+    the model's maximum context when smaller). The synthetic checkpoint goes to
     ``output`` (default ``simulations/<name>.pt``) and is diffed on ``prompts``
     (default: the shipped probes).
 
@@ -211,11 +224,14 @@ def simulate(
     hf, tokenizer, label = load_hf_model(model)
     sae_obj = load_sae(sae if sae is not None else str(model), layer)
     sae_layer = sae_numerics(sae_obj, layer).layer
-    pattern = params or default_param_filter(sae_layer)
+    pattern = params or default_param_filter(hf, sae_layer)
     chosen = select_params(hf, pattern)
     for parameter in hf.parameters():
         parameter.requires_grad_(False)
-    encoded = encode_rows(tokenizer, rows, int(getattr(hf.config, "n_positions", 1024)))
+    window = resolve_context_size(
+        context_size, sae_context=None, model_max=max_context(hf), label=label
+    )
+    encoded = encode_rows(tokenizer, rows, window)
     if all(all(label == -100 for label in labels) for _, labels in encoded):
         raise AquinError("no row has a token to train on (responses are empty after tokenizing)")
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -286,6 +302,7 @@ def simulate(
         "n_examples": len(encoded),
         "params": pattern,
         "n_params": len(chosen),
+        "context_size": window,
         "delta_norm": delta_norm,
         "seconds": time.perf_counter() - started,
         "model": label,

@@ -28,10 +28,11 @@ import pandas as pd
 import torch
 
 from . import __version__
+from ._architectures import resolve_context_size
 from ._errors import AquinError
 from ._io import atomic_torch_save
 from ._quiet import quiet_unless_progress
-from ._train_data import Batches, collect_from_capture, collect_from_model
+from ._train_data import Batches, cache_dir_for, collect_from_capture, collect_from_model
 from ._verbs import verb
 from .capture import default_numerics
 from .catalog import find_entry
@@ -123,6 +124,7 @@ def sae_train(
     checkpoint: str | Path | None = None,
     activations: str | Path | None = None,
     prompts: Any = None,
+    sae: Any = None,
     init_from: str = "public",
     architecture: str = "standard",
     d_sae: int | None = None,
@@ -136,19 +138,26 @@ def sae_train(
     l1_coefficient: float = 3.0,
     k: int = 32,
     seed: int = 0,
+    context_size: int | None = None,
+    device: str | None = None,
     progress: bool = True,
 ) -> TrainedSae:
     """Train a temporary SAE on ``layer`` of the model or checkpoint, with SAELens's trainer.
 
     Data: a capture directory (``activations``), or a corpus (``prompts``, else the
-    shipped corpus), collected from the checkpoint and cached in
-    ``_acts_layer<N>/`` beside the output so a second run reuses it.
+    shipped corpus), collected from the checkpoint in windows of ``context_size``
+    tokens and cached in ``_acts_layer<N>_ctx<C>/`` beside the output so a second
+    run reuses it. ``context_size`` defaults to the public SAE's context size, else
+    1,024 (`aquin_nb._architectures.DEFAULT_CONTEXT_SIZE`), capped at the model's
+    maximum context; a larger one is refused. The trained SAE's metadata records it.
 
-    ``init_from="public"`` (the default) warm-starts from the public SAE: feature
+    ``init_from="public"`` (the default) warm-starts from the public SAE (``sae``:
+    anything `load_sae` takes; by default the catalog's for the model): feature
     identities are kept, so each feature's decoder rotation is a finding (the
     stage-wise model-diffing approach), and far fewer tokens are needed.
-    ``quick`` trains on 120k tokens for a smoke run. Ctrl-C stops training and
-    still writes what was trained so far (``summary["interrupted"]``).
+    ``quick`` trains on 120k tokens for a smoke run. The model runs, and the SAE
+    trains, on ``device`` (default: CUDA when available, as `load_model`). Ctrl-C
+    stops training and still writes what was trained so far (``summary["interrupted"]``).
 
     Output: ``~/.aquin_nb/sae/user/<model>/<name>/sae_layer<N>.pt`` (``{cfg,
     state_dict}``) and a SAELens directory ``sae_layer<N>/`` beside it; ``output``
@@ -173,11 +182,14 @@ def sae_train(
     for label, value in (("steps", steps), ("tokens", tokens), ("batch_size", batch_size)):
         if value is not None and value <= 0:
             raise AquinError(f"{label} must be positive, got {value}")
+    from ._architectures import max_context
     from .models import load_hf_model
+    from .saes import check_sae_fits
 
     model_text = str(model)
     hf, _, label = load_hf_model(model_text)
     n_layers, d_model = int(hf.config.num_hidden_layers), int(hf.config.hidden_size)
+    model_max = max_context(hf)
     del hf
     if not 0 <= layer < n_layers:
         raise AquinError(
@@ -185,13 +197,18 @@ def sae_train(
         )
     entry = find_entry(model_text)
     public = None
-    try:
-        public = load_sae(entry.slug if entry is not None else model_text, layer)
-    except AquinError as error:
-        if init_from == "public":
-            raise AquinError(
-                f"cannot warm-start: no public SAE for {label} layer {layer} ({error})"
-            ) from None
+    if sae is not None:
+        public = load_sae(sae, layer)
+        check_sae_fits(public, d_model, n_layers, layer, label)
+    else:
+        try:
+            public = load_sae(entry.slug if entry is not None else model_text, layer)
+        except AquinError as error:
+            if init_from == "public":
+                raise AquinError(
+                    f"cannot warm-start: no public SAE for {label} layer {layer} ({error}); "
+                    f"pass sae= (--sae) or init_from='scratch'"
+                ) from None
     if public is not None and init_from == "public":
         d_sae = int(public.cfg.d_sae) if d_sae is None else d_sae
         if d_sae != int(public.cfg.d_sae):
@@ -201,6 +218,14 @@ def sae_train(
             )
     d_sae = d_sae or 8 * d_model
     numerics = default_numerics(model_text, layer, public)
+    corpus_context = resolve_context_size(
+        context_size, sae_context=numerics.context_size, model_max=model_max, label=label
+    )
+    window = (
+        _capture_context(Path(activations), context_size)
+        if activations is not None
+        else corpus_context
+    )
     name = name or ("temp" if checkpoint is None else Path(checkpoint).stem)
     out_dir = Path(output) if output is not None else default_output_dir(label, name)
     try:
@@ -215,17 +240,18 @@ def sae_train(
         data = collect_from_capture(Path(activations), layer, d_model)
     else:
         # Batches are drawn with replacement, so 400k distinct tokens is plenty.
-        cache = out_dir / f"_acts_layer{layer}"
         data = collect_from_model(
             model_text,
             checkpoint,
             layer,
             prompts,
             numerics,
-            cache,
+            cache_dir_for(out_dir, layer, corpus_context),
             min(budget, 400_000),
             d_model,
             progress,
+            corpus_context,
+            device,
         )
     if len(data) < 20:
         raise AquinError(f"only {len(data)} activations to train on; give more prompts")
@@ -247,7 +273,7 @@ def sae_train(
         model_name=label,
         hook_name=numerics.hook_name,
         hook_head_index=None,
-        context_size=numerics.context_size,
+        context_size=window,
         prepend_bos=numerics.prepend_bos,
         model_from_pretrained_kwargs={key: True for key, on in numerics.processing.items() if on},
     )
@@ -264,6 +290,7 @@ def sae_train(
         n_batches_for_norm_estimate=10,
         dead_feature_window=max(50, total_steps // 4),
         feature_sampling_window=max(100, total_steps // 2),
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     trainer = _recording_trainer_class()(
         cfg=trainer_cfg, sae=sae, data_provider=Batches(train, effective_batch, seed)
@@ -306,6 +333,7 @@ def sae_train(
         "name": name,
         "layer": layer,
         "hook": numerics.hook_name,
+        "context_size": window,
         "init_from": init_from,
         "architecture": architecture,
         "d_sae": d_sae,
@@ -329,6 +357,20 @@ def sae_train(
     }
     loss_curve = pd.DataFrame(trainer.losses, columns=list(LOSS_COLUMNS))
     return TrainedSae(summary=summary, loss_curve=loss_curve, features=features)
+
+
+def _capture_context(directory: Path, requested: int | None) -> int | None:
+    """The context size a capture directory was made at (``None`` for older captures);
+    a different ``requested`` one is refused, since the windows are already cut."""
+    from .capture import Capture
+
+    made_at = Capture.open(directory).summary.get("context_size")
+    if requested is not None and made_at is not None and requested != made_at:
+        raise AquinError(
+            f"context_size {requested} does not match the capture in {directory}, "
+            f"made at {made_at} tokens; capture again with that context size"
+        )
+    return int(made_at) if made_at is not None else None
 
 
 def _save(sae: Any, out_dir: Path, layer: int) -> tuple[Path, Path]:

@@ -1,7 +1,9 @@
 """The end-to-end fixture: a real LoRA fine-tune with PEFT, merged and checkpointed.
 
 This is also a recipe: copy it to fine-tune your own model and write a
-checkpoint that ``aquin-nb sae diff --checkpoint`` reads.
+checkpoint that ``aquin-nb sae diff --checkpoint`` reads. The LoRA target modules
+come from the architecture table (`aquin_nb._architectures`): every attention and
+MLP projection of GPT-2, GPT-NeoX, Llama, Gemma 2, Qwen2 and Mistral models.
 
 Example:
     >>> from aquin_nb.demo.finetune import finetune_lora
@@ -13,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -39,29 +42,53 @@ def finetune_lora(
     batch_size: int = 16,
     rank: int = 8,
     seed: int = 0,
+    target_modules: Sequence[str] | None = None,
+    context_size: int | None = None,
     progress: bool = True,
 ) -> Path:
     """LoRA-fine-tune ``model`` on ``data``, merge the adapter, and checkpoint it.
 
+    ``target_modules`` defaults to the architecture table's (every attention and
+    MLP projection); name them for an architecture the table lacks. Rows are cut
+    to ``context_size`` tokens (default 1,024, or the model's maximum if smaller).
     Returns the path of ``run_dir/checkpoints/checkpoint.pt`` (``{step, state_dict}``
     with plain Hugging Face names).
     """
     from peft import LoraConfig, get_peft_model
 
+    from .._architectures import ARCHITECTURES, architecture_of, max_context, resolve_context_size
+    from .._errors import AquinError
     from ..models import load_hf_model
 
     torch.manual_seed(seed)
-    hf_model, tokenizer, _ = load_hf_model(model)
+    hf_model, tokenizer, label = load_hf_model(model)
+    if target_modules is None:
+        arch = architecture_of(hf_model, remedy="pass target_modules= (the modules to adapt)")
+        targets, fan_in_fan_out = list(arch.lora_targets), arch.fan_in_fan_out
+    else:
+        known = ARCHITECTURES.get(str(getattr(hf_model.config, "model_type", "")))
+        # Without an entry, PEFT sets fan_in_fan_out itself for Conv1D targets (and warns).
+        targets = list(target_modules)
+        fan_in_fan_out = known.fan_in_fan_out if known is not None else False
+    window = resolve_context_size(
+        context_size, sae_context=None, model_max=max_context(hf_model), label=label
+    )
     rows = read_training_rows(data)
-    encoded = encode_rows(tokenizer, rows, int(hf_model.config.n_positions))
+    encoded = encode_rows(tokenizer, rows, window)
     config = LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
-        target_modules=["c_attn", "c_proj", "c_fc"],
+        target_modules=targets,
         lora_dropout=0.0,
-        fan_in_fan_out=True,  # GPT-2 stores Conv1D weights transposed
+        fan_in_fan_out=fan_in_fan_out,
     )
-    peft_model = get_peft_model(hf_model, config)
+    try:
+        peft_model = get_peft_model(hf_model, config)
+    except ValueError as error:  # PEFT: no module of the model matches the targets
+        raise AquinError(
+            f"cannot put LoRA on {label} with target_modules {targets}: "
+            f"{str(error).splitlines()[0]}"
+        ) from None
     peft_model.train()
     optimizer = torch.optim.AdamW(
         [p for p in peft_model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0

@@ -116,7 +116,7 @@ def test_scratch_sae_on_base_activations_aligns_to_the_public_one(tmp_path, tiny
 
 def test_corpus_activations_are_cached_for_the_next_run(tmp_path, monkeypatch):
     sae_train("tiny-gpt2", 2, steps=3, batch_size=256, tokens=None, output=tmp_path, progress=False)
-    assert list((tmp_path / "_acts_layer2").glob("chunk_*.pt"))
+    assert list((tmp_path / "_acts_layer2_ctx128").glob("chunk_*.pt"))
 
     def no_model(*args, **kwargs):
         raise AssertionError("the cached activations should have been reused")

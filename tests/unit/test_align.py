@@ -77,6 +77,15 @@ def test_sparse_path_recovers_a_permutation_with_unrelated_rows():
     assert (sparse.cols[related] == perm[related]).all()
 
 
+def test_rows_in_bfloat16_are_matched_in_float32_on_the_cpu():
+    """As a GPU SAE hands them over: widened, made unit again, and proven optimal."""
+    a, b, perm = noisy_permutation(400, 400, 48, 0.5, seed=3)
+    exact = match(a, b, "sparse", progress=False)
+    half = match(a.bfloat16(), b.bfloat16(), "sparse", progress=False)
+    assert half.optimal and (half.cols == perm).all() and (exact.cols == perm).all()
+    assert half.cosine.sum() == pytest.approx(exact.cosine.sum(), rel=1e-3)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(min_value=5, max_value=160),
