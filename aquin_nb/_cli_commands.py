@@ -423,14 +423,32 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     run(app, sock)
 
 
+_LOADER_STATE: list[tuple[bool, int]] = []
+
+
 def _quiet_library_loaders() -> None:
     """Our own tqdm bars show the work; the per-tensor loading bars of transformers are noise.
 
-    The CLI owns its process, so it may set this; the library never does.
+    `restore_library_loaders` undoes it when the command ends, so a program that
+    calls ``main()`` (a test, a notebook) keeps its own settings.
     """
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:
         return
+    if not _LOADER_STATE:
+        _LOADER_STATE.append((hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()))
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def restore_library_loaders() -> None:
+    """Put transformers' progress bars and verbosity back as they were before the command."""
+    if not _LOADER_STATE:
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = _LOADER_STATE.pop()
+    hf_logging.set_verbosity(verbosity)
+    if bars:
+        hf_logging.enable_progress_bar()

@@ -30,6 +30,7 @@ from ._cli_commands import (
     _cmd_serve,
     _cmd_simulate,
     _cmd_watch,
+    restore_library_loaders,
 )
 from ._errors import AquinError
 
@@ -452,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             session.close(timeout=5.0)
         package_logger.removeHandler(handler)
         warnings.showwarning = shown_before
+        restore_library_loaders()
     return 0
 
 
