@@ -7,7 +7,7 @@ STAMP := $(VENV)/.aquin-installed
 # build. pyproject keeps torch's range open for GPU users.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: env demo test test-all lint typecheck browser-deps artifacts bench bench-gpu clean
+.PHONY: env demo test lint typecheck browser-deps artifacts bench bench-gpu clean
 
 env: $(STAMP)
 
@@ -41,9 +41,6 @@ browser-deps:
 	  npm install --silent --no-audit --no-fund --prefix $(JLAB_SANITIZER) @jupyterlab/apputils@4.7.6
 
 test: lint typecheck browser-deps
-	$(PY) -m pytest -q -m "not slow"
-
-test-all: lint typecheck browser-deps
 	$(PY) -m pytest -q
 
 artifacts: $(STAMP)

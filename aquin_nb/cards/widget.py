@@ -32,7 +32,8 @@ import pandas as pd
 import traitlets
 
 from ._html import live_spec, render_spec_html, widget_source
-from ._specs import TABLE_ROWS, card_spec
+from ._spec_parts import TABLE_ROWS
+from ._specs import card_spec
 
 MAX_PAGE_SIZE = 500
 DEFAULT_QUERY: dict[str, Any] = {
