@@ -1,8 +1,9 @@
 """Mirror every verb's card to a web session page (DESIGN.md decision 9).
 
 After `connect`, the session listens on the verb seam (`aquin_nb._verbs`), so
-each verb (`sae_diff`, `capture_activations`, `sae_train`, `sae_align`,
-`simulate`) pushes a ``tool.start`` and a ``tool.result`` event to
+each verb (every one the result registry names: `sae_diff`, `model_diff`,
+`sae_trajectory`, `feature_dashboards`, `capture_activations`, `sae_train`,
+`sae_align`, `simulate`) pushes a ``tool.start`` and a ``tool.result`` event to
 the session on an ``aquin-nb serve`` receiver. The verb itself never waits on
 the network: it hands the event to a bounded in-memory queue and a background
 thread delivers it, with retries. If the server is down the verb still returns
