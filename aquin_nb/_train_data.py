@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,6 @@ from ._activations import (
 from ._errors import AquinError
 from ._io import atomic_torch_save
 from .capture import Capture, read_shard
-from .catalog import EMBEDDED_DIR
 from .probes import load_prompts
 
 logger = logging.getLogger(__name__)
@@ -42,16 +40,13 @@ def cache_dir_for(out_dir: Path, layer: int, context_size: int) -> Path:
 
 
 def corpus_windows(tokenizer: Any, prepend_bos: bool, max_length: int) -> list[list[int]]:
-    """The shipped corpus as a token stream cut into context-sized windows (no truncation)."""
-    with gzip.open(EMBEDDED_DIR / "corpus.txt.gz", "rt", encoding="utf-8") as handle:
-        texts = [text for text in handle.read().split("\n\n") if text.strip()]
-    stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        stream.append(tokenizer.eos_token_id)
-    bos = [tokenizer.bos_token_id] if prepend_bos else []
-    width = max_length - len(bos)
-    return [bos + stream[start : start + width] for start in range(0, len(stream) - width, width)]
+    """The shipped corpus as a token stream cut into full context-sized windows."""
+    from ._corpus import pack_windows, shipped_texts
+
+    windows = pack_windows(
+        tokenizer, shipped_texts(), prepend_bos=prepend_bos, max_length=max_length
+    )
+    return [window for window in windows if len(window) == max_length]  # no short tail
 
 
 def collect_from_model(
