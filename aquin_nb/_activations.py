@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._errors import AquinError
+from ._switch import centred
 from .saes import SaeNumerics, parse_hook
 
 if TYPE_CHECKING:
@@ -34,7 +35,12 @@ class TokenBatch:
 
 def prepare_bridge(bridge: TransformerBridge, numerics: SaeNumerics) -> None:
     """Process the bridge's weights the way the SAE's training model was processed."""
+    from ._switch import SwitchedBridge, processed_view
+
     current = getattr(bridge, "aquin_processing", None)
+    if current is None and isinstance(bridge, SwitchedBridge):
+        processed_view(bridge, numerics.processing)  # never rewrite a switched model's weights
+        return
     if current is None and bridge.compatibility_mode:
         current = {"unknown": True}
     if current is None:
@@ -180,4 +186,4 @@ def residual(bridge: TransformerBridge, tokens: torch.Tensor, hook_name: str) ->
     )
     if read_name not in cache:
         raise AquinError(f"the model produced no activations at {read_name}")
-    return cache[read_name]
+    return centred(bridge, cache[read_name])

@@ -36,6 +36,7 @@ from ._errors import AquinError
 from ._io import read_json
 
 if TYPE_CHECKING:
+    from peft import PeftModel
     from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,19 @@ def merge_peft_adapter(
     """``model`` with the adapter directory ``path`` merged in; untouched on any refusal.
 
     ``max_bytes`` bounds the adapter's weight file (see `checkpoint_byte_limit`).
+    """
+    merged = attach_peft_adapter(model, path, model_name, max_bytes).merge_and_unload()
+    logger.info("merged PEFT adapter %s", path)
+    return merged
+
+
+def attach_peft_adapter(
+    model: PreTrainedModel, path: Path, model_name: str, max_bytes: int
+) -> PeftModel:
+    """A ``PeftModel`` over ``model`` with the checked adapter ``path`` loaded, not merged.
+
+    The LoRA layers are injected into ``model`` in place; on any refusal they are
+    taken out again and ``model`` is left as it was.
     """
     from peft import PeftConfig, PeftModel
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -98,9 +112,8 @@ def merge_peft_adapter(
     except BaseException:
         peft_model.unload()  # take the LoRA layers out again: the model stays as it was
         raise
-    merged = peft_model.merge_and_unload()
-    logger.info("merged PEFT adapter %s (%d tensors)", path, len(state))
-    return merged
+    logger.info("loaded PEFT adapter %s (%d tensors)", path, len(state))
+    return peft_model
 
 
 def _first_line(error: BaseException) -> str:

@@ -131,6 +131,7 @@ def _cmd_sae_diff(args: argparse.Namespace) -> None:
         min_rel_delta=args.min_rel_delta,
         fit=args.fit,
         device=args.device,
+        dtype=args.dtype,
         progress=not args.quiet,
     )
     _show(args, diff)
@@ -159,6 +160,7 @@ def _sae_trajectory(args: argparse.Namespace) -> None:
         backend=args.backend or "local",
         prompt_shards=args.prompt_shards or 1,
         device=args.device,
+        dtype=args.dtype,
         progress=not args.quiet,
         **_tracking(args),
     )
@@ -196,6 +198,7 @@ def _cmd_watch(args: argparse.Namespace) -> None:
             fdr=args.fdr,
             min_rel_delta=args.min_rel_delta,
             device=args.device,
+            dtype=args.dtype,
             progress=not args.quiet,
             **_tracking(args),
         )
@@ -226,6 +229,7 @@ def _cmd_model_diff(args: argparse.Namespace) -> None:
         name=args.name,
         batch_size=args.batch_size,
         device=args.device,
+        dtype=args.dtype,
         progress=not args.quiet,
     )
     _show(args, result)
@@ -243,6 +247,8 @@ def _cmd_dashboards(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint,
         layer=args.layer,
         k=args.k,
+        device=args.device,
+        dtype=args.dtype,
         progress=not args.quiet,
     )
     _show(args, boards)
@@ -313,6 +319,8 @@ def _cmd_capture(args: argparse.Namespace) -> None:
         name=args.name,
         overwrite=args.overwrite,
         context_size=args.context_size,
+        device=args.device,
+        dtype=args.dtype,
         progress=not args.quiet,
     )
     if args.output_json:
@@ -349,6 +357,7 @@ def _cmd_sae_train(args: argparse.Namespace) -> None:
         output=args.out_dir,
         context_size=args.context_size,
         device=args.device,
+        dtype=args.dtype,
         progress=not args.quiet,
     )
     _show(args, trained)

@@ -10,6 +10,7 @@ and then each checkpoint (`aquin_nb._passes`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,8 @@ from .saes import SaeNumerics, check_sae_fits, load_sae, sae_numerics
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
+logger = logging.getLogger(__name__)
+
 
 def bridge_label(bridge: Any) -> str:
     return str(getattr(bridge, "aquin_label", None) or getattr(bridge.cfg, "model_name", "model"))
@@ -38,12 +41,13 @@ def is_bridge(value: Any) -> bool:
     return hasattr(value, "run_with_cache") and hasattr(value, "original_model")
 
 
-def load_base(model: Any, device: str | None) -> TransformerBridge:
+def load_base(model: Any, device: str | None, dtype: Any = None) -> TransformerBridge:
     from .models import load_model
 
     if isinstance(model, (str, Path)):
-        return load_model(model, device=device)
+        return load_model(model, device=device, dtype=dtype)
     if is_bridge(model):
+        check_loaded_dtype(model, dtype, "model")
         return model
     raise AquinError(
         f"model must be a catalog slug, a model directory or a TransformerBridge, "
@@ -51,8 +55,25 @@ def load_base(model: Any, device: str | None) -> TransformerBridge:
     )
 
 
+def check_loaded_dtype(model: Any, dtype: Any, what: str) -> None:
+    """Refuse ``dtype`` for a model the caller loaded in another dtype (it is not converted)."""
+    if dtype is None:
+        return
+    from ._dtypes import dtype_name, parse_dtype
+
+    wanted = parse_dtype(dtype)
+    module = model.original_model if is_bridge(model) else model
+    loaded = next(module.parameters()).dtype
+    if loaded != wanted:
+        raise AquinError(
+            f"the {what} passed in is loaded in {dtype_name(loaded)}, but dtype "
+            f"{dtype_name(wanted)} was asked for; load it in {dtype_name(wanted)} "
+            f"(aquin_nb.load_model(..., dtype=...)) or leave dtype out"
+        )
+
+
 def load_checkpoint(
-    checkpoint: Any, base: TransformerBridge, model: Any, device: str | None
+    checkpoint: Any, base: TransformerBridge, model: Any, device: str | None, dtype: Any = None
 ) -> tuple[TransformerBridge, str]:
     """A bridge running ``checkpoint`` (a path or a loaded model) and its default label."""
     from .models import load_model, wrap_bridge
@@ -60,17 +81,74 @@ def load_checkpoint(
     if isinstance(checkpoint, (str, Path)):
         path = Path(checkpoint).expanduser()
         source = model if isinstance(model, (str, Path)) else base.cfg.model_name
-        bridge = load_model(source, path, device=device)
+        if dtype is None:
+            dtype = next(base.original_model.parameters()).dtype
+        bridge = load_model(source, path, device=device, dtype=dtype)
         return bridge, path.stem if path.is_file() else path.name
     if is_bridge(checkpoint):
+        check_loaded_dtype(checkpoint, dtype, "checkpoint")
         return checkpoint, bridge_label(checkpoint)
     if isinstance(checkpoint, torch.nn.Module) and hasattr(checkpoint, "config"):
+        check_loaded_dtype(checkpoint, dtype, "checkpoint")
         label = getattr(checkpoint.config, "_name_or_path", "") or "checkpoint"
         bridge = wrap_bridge(checkpoint.eval(), base.tokenizer, label, device=device)  # type: ignore[arg-type]
         return bridge, label
     raise AquinError(
         f"checkpoint must be a path or a loaded model, got {type(checkpoint).__name__}"
     )
+
+
+def load_pair(
+    model: Any,
+    checkpoint: Any,
+    device: str | None,
+    dtype: Any = None,
+    *,
+    switch_adapter: bool = False,
+) -> tuple[Any, Any, str]:
+    """``(base, checkpoint, default label)`` bridges, reading the base's weights once.
+
+    When both are paths, the base model is read from disk once and the checkpoint
+    side is a copy of it with the checkpoint's tensors loaded in. With
+    ``switch_adapter``, a LoRA adapter directory is not copied at all: both sides
+    are views of one model with the adapter switched off and on (`aquin_nb._switch`).
+    Anything else (loaded models, bridges) is loaded as `load_base` and
+    `load_checkpoint` do.
+    """
+    import copy
+
+    from ._checkpoints import is_peft_adapter
+    from ._dtypes import resolve_dtype
+    from .models import apply_checkpoint, attach_adapter, load_hf_model, wrap_bridge
+
+    if not isinstance(model, (str, Path)) or not isinstance(checkpoint, (str, Path)):
+        base = load_base(model, device, dtype)
+        ckpt, name = load_checkpoint(checkpoint, base, model, device, dtype)
+        return base, ckpt, name
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise AquinError(f"checkpoint {path} does not exist")
+    name = path.stem if path.is_file() else path.name
+    dtype = resolve_dtype(dtype, device)
+    hf, tokenizer, label = load_hf_model(model, dtype=dtype)
+    if switch_adapter and is_peft_adapter(path):
+        from ._switch import AdapterSwitch, SwitchedBridge, can_switch
+
+        peft_model = attach_adapter(hf, path)
+        reason = can_switch(peft_model)
+        if reason is None:
+            bridge = wrap_bridge(peft_model.base_model.model, tokenizer, label, device=device)
+            switch = AdapterSwitch(peft_model, bridge)
+            return (
+                SwitchedBridge(bridge, switch, "base", label),
+                SwitchedBridge(bridge, switch, "checkpoint", label),
+                name,
+            )
+        logger.info("diffing adapter %s on a second copy of the model: %s", path, reason)
+        hf = peft_model.unload()
+    checkpoint_hf = apply_checkpoint(copy.deepcopy(hf), path)
+    base = wrap_bridge(hf, tokenizer, label, device=device)
+    return base, wrap_bridge(checkpoint_hf, tokenizer, label, device=device), name
 
 
 def check_options(fdr: float, batch_size: int, fit: str) -> None:
@@ -93,6 +171,8 @@ class Prepared:
     sae: Any
     numerics: SaeNumerics
     token_lists: list[list[int]]
+    checkpoint: Any = None  # loaded by `prepare` when it was given one
+    checkpoint_name: str | None = None
 
     @property
     def d_sae(self) -> int:
@@ -118,13 +198,24 @@ def prepare(
     sae: Any,
     device: str | None,
     verb_name: str,
+    *,
+    dtype: Any = None,
+    checkpoint: Any = None,
+    switch_adapter: bool = False,
 ) -> Prepared:
     """Load and check the base, the SAE (the catalog's when ``sae`` is None) and the prompts.
 
     The base bridge is processed the way the SAE's numerics ask, the SAE moved to
-    the base's device, the prompts tokenised as the SAE expects.
+    the base's device, the prompts tokenised as the SAE expects. With
+    ``checkpoint``, it is loaded beside the base (`load_pair`), checked and
+    processed the same way.
     """
-    base = load_base(model, device)
+    if checkpoint is None:
+        base, ckpt, ckpt_name = load_base(model, device, dtype), None, None
+    else:
+        base, ckpt, ckpt_name = load_pair(
+            model, checkpoint, device, dtype, switch_adapter=switch_adapter
+        )
     model_label = (
         bridge_label(base)
         if not isinstance(model, (str, Path))
@@ -157,7 +248,12 @@ def prepare(
         prepend_bos=numerics.prepend_bos,
         max_length=context_length(base, numerics),
     )
-    return Prepared(base, model_label, n_layers, d_model, sae_obj, numerics, token_lists)
+    prepared = Prepared(base, model_label, n_layers, d_model, sae_obj, numerics, token_lists)
+    if ckpt is not None:
+        prepared.check_architecture(ckpt)
+        prepare_bridge(ckpt, numerics)
+        prepared.checkpoint, prepared.checkpoint_name = ckpt, ckpt_name
+    return prepared
 
 
 def feature_frame(

@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from ._switch import centred
+
 FIT_MODES = ("fast", "full", "off")
 FAST_PROMPTS = 8
 FAIL_CE_RECOVERED = 0.7
@@ -76,7 +78,8 @@ class DownstreamStats:
         def splice_and_ablate(activations: torch.Tensor, hook: Any) -> torch.Tensor:
             # One forward over three copies of the batch: clean, spliced, ablated.
             clean_part, spliced_part = activations[:batch], activations[batch : 2 * batch]
-            rebuilt = sae.decode(sae.encode(spliced_part.to(sae.W_dec.dtype)))
+            read = centred(bridge, spliced_part)  # as the SAE's weight processing gives it
+            rebuilt = sae.decode(sae.encode(read.to(sae.W_dec.dtype)))
             spliced_part = torch.where(mask[..., None], rebuilt.to(activations.dtype), spliced_part)
             ablated_part = torch.zeros_like(activations[2 * batch :])
             return torch.cat([clean_part, spliced_part, ablated_part])

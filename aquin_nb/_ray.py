@@ -51,22 +51,28 @@ def _ray() -> Any:
     return ray
 
 
-def _worker_bridge(model: Any, checkpoint: Any, numerics: SaeNumerics) -> Any:
+def _worker_bridge(model: Any, checkpoint: Any, numerics: SaeNumerics, dtype: Any = None) -> Any:
     from ._activations import prepare_bridge
     from .models import load_model
 
-    bridge = load_model(model, checkpoint)
+    bridge = load_model(model, checkpoint, dtype=dtype)
     prepare_bridge(bridge, numerics)
     return bridge
 
 
 def _base_task(
-    model: Any, sae: Any, numerics: SaeNumerics, shard: Shard, batch_size: int, n_downstream: int
+    model: Any,
+    sae: Any,
+    numerics: SaeNumerics,
+    shard: Shard,
+    batch_size: int,
+    n_downstream: int,
+    dtype: Any = None,
 ) -> BasePass:
     from ._quiet import third_party_quiet
 
     with third_party_quiet():
-        bridge = _worker_bridge(model, None, numerics)
+        bridge = _worker_bridge(model, None, numerics, dtype)
         sae = sae.to(next(bridge.original_model.parameters()).device)
         return base_pass(
             bridge, sae, numerics, shard, batch_size=batch_size, n_downstream=n_downstream
@@ -82,11 +88,12 @@ def _checkpoint_task(
     base: BasePass,
     batch_size: int,
     n_downstream: int,
+    dtype: Any = None,
 ) -> CheckpointPass:
     from ._quiet import third_party_quiet
 
     with third_party_quiet():
-        bridge = _worker_bridge(model, checkpoint, numerics)
+        bridge = _worker_bridge(model, checkpoint, numerics, dtype)
         sae = sae.to(next(bridge.original_model.parameters()).device)
         return checkpoint_pass(
             bridge, sae, numerics, shard, base, batch_size=batch_size, n_downstream=n_downstream
@@ -106,7 +113,7 @@ class RayRunner:
         self.base_remote = self.ray.remote(num_gpus=gpus)(_base_task)
         self.checkpoint_remote = self.ray.remote(num_gpus=gpus)(_checkpoint_task)
         self.sae_ref = self.ray.put(comparison.sae_copy())
-        self.common = (comparison.batch_size, comparison.n_downstream)
+        self.common = (comparison.batch_size, comparison.n_downstream, comparison.dtype)
         self.base_refs = [
             self.base_remote.remote(
                 comparison.model, self.sae_ref, prepared.numerics, shard, *self.common

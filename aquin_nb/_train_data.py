@@ -34,9 +34,11 @@ def rows_per_batch(context_size: int) -> int:
     return max(1, TOKENS_PER_BATCH // context_size)
 
 
-def cache_dir_for(out_dir: Path, layer: int, context_size: int) -> Path:
-    """Where corpus activations are cached: one directory per layer and context size."""
-    return out_dir / f"_acts_layer{layer}_ctx{context_size}"
+def cache_dir_for(out_dir: Path, layer: int, context_size: int, dtype: str = "float32") -> Path:
+    """Where corpus activations are cached: one directory per layer, context size and
+    model dtype (float32 runs keep the name they always had)."""
+    suffix = "" if dtype == "float32" else f"_{dtype}"
+    return out_dir / f"_acts_layer{layer}_ctx{context_size}{suffix}"
 
 
 def corpus_windows(tokenizer: Any, prepend_bos: bool, max_length: int) -> list[list[int]]:
@@ -61,6 +63,7 @@ def collect_from_model(
     progress: bool,
     context_size: int,
     device: str | None = None,
+    dtype: Any = None,
 ) -> torch.Tensor:
     """Residual activations at the SAE's hook, cached in ``cache_dir`` chunk by chunk.
 
@@ -76,7 +79,7 @@ def collect_from_model(
         if len(cached) >= max_tokens:
             logger.info("reusing %d cached activations from %s", len(cached), cache_dir)
             return cached[:max_tokens]
-    bridge = load_model(model, checkpoint, device=device)
+    bridge = load_model(model, checkpoint, device=device, dtype=dtype)
     prepare_bridge(bridge, numerics)
     max_length = context_size
     if prompts is not None:

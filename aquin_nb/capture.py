@@ -141,6 +141,8 @@ def capture_activations(
     overwrite: bool = False,
     batch_size: int = 16,
     context_size: int | None = None,
+    device: str | None = None,
+    dtype: Any = None,
     progress: bool = True,
 ) -> Capture:
     """Run prompts through the model (or checkpoint) and write residual activations.
@@ -156,6 +158,10 @@ def capture_activations(
     own context size, else 1,024 (`aquin_nb._architectures.DEFAULT_CONTEXT_SIZE`),
     or the model's maximum context when that is smaller. A ``context_size`` above
     the model's maximum is refused. The manifest records it.
+
+    The model runs on ``device`` (default: CUDA when available) in ``dtype``
+    (float32, bfloat16 or float16; the manifest's ``model_dtype``); activations are
+    written as float32 whatever it is.
 
     Example:
         >>> capture_activations(
@@ -174,7 +180,7 @@ def capture_activations(
         raise AquinError(
             f"output directory {output} is not empty; pass overwrite=True (--overwrite)"
         )
-    bridge = load_model(model, checkpoint)
+    bridge = load_model(model, checkpoint, device=device, dtype=dtype)
     label = str(getattr(bridge, "aquin_label", model))
     n_layers, d_model = int(bridge.cfg.n_layers), int(bridge.cfg.d_model)
     chosen = parse_layers(layers, n_layers, label)
@@ -201,17 +207,17 @@ def capture_activations(
     names = sorted({read_name for read_name, _ in plans.values()})
     rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in chosen}
     owners: list[torch.Tensor] = []
-    device = next(bridge.original_model.parameters()).device
+    model_device = next(bridge.original_model.parameters()).device
     batches = token_batches(token_lists, batch_size=batch_size, skip_first=first.prepend_bos)
     total = (len(token_lists) + batch_size - 1) // batch_size
     for batch in tqdm(batches, total=total, desc="capture", disable=not progress):
         _, cache = bridge.run_with_cache(
-            batch.tokens.to(device),
+            batch.tokens.to(model_device),
             names_filter=names,
             stop_at_layer=stop_at,
             return_cache_object=False,
         )
-        mask = batch.mask.to(device)
+        mask = batch.mask.to(model_device)
         for layer in chosen:
             acts = cache[plans[layer][0]].float()
             rows[layer].append(_pool(acts, mask, position).cpu())
@@ -240,6 +246,7 @@ def capture_activations(
         "d_model": d_model,
         "shapes": shapes,
         "dtype": "float32",
+        "model_dtype": str(next(bridge.original_model.parameters()).dtype).removeprefix("torch."),
         "prepend_bos": first.prepend_bos,
         "context_size": max_length,
         "processing": first.processing,

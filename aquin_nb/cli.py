@@ -137,6 +137,17 @@ def _one_line_warning(
         logging.getLogger("aquin_nb.cli").debug("%s: %s", category.__name__, message)
 
 
+def _model_flags(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
+    """``--device`` and ``--dtype``, for every command that runs a model."""
+    if device:
+        parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        help="float32 (default), bfloat16 or float16 for the model; refused where the "
+        "device cannot run it",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -177,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_diff.add_argument("--prompts", help="JSON array or JSONL (default: the shipped probes)")
     model_diff.add_argument("--name", help="label for the checkpoint (default: its file stem)")
     model_diff.add_argument("--batch-size", type=int, default=16)
-    model_diff.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    _model_flags(model_diff)
 
     sae = commands.add_parser("sae", help="SAE verbs: diff, train, align")
     sae_verbs = sae.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
@@ -222,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="fast",
         help="downstream fit (CE loss recovered) on the first 8 prompts, all, or none",
     )
-    diff.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    _model_flags(diff)
     run = diff.add_argument_group("a run of checkpoints (trajectory)")
     run.add_argument(
         "--backend",
@@ -258,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", help="where the trained SAE goes (default ~/.aquin_nb/sae/user/...)"
     )
     train.add_argument("--context-size", type=int, help=CONTEXT_HELP.format(what="corpus windows"))
-    train.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    _model_flags(train)
     train.add_argument("--json", help=argparse.SUPPRESS)  # deprecated spelling of --output
 
     boards = _verb_parser(
@@ -276,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     boards.add_argument("--checkpoint", help="also compute them on this checkpoint")
     boards.add_argument("--k", type=int, default=10, help="top contexts kept per feature")
+    _model_flags(boards)
     boards.add_argument(
         "--feature", type=int, action="append", help="print this feature's dashboard (repeatable)"
     )
@@ -327,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--output-json", action="store_true", help="print the result JSON")
     capture.add_argument("--overwrite", action="store_true", help="write into a non-empty dir")
     capture.add_argument("--context-size", type=int, help=CONTEXT_HELP.format(what="prompts"))
+    _model_flags(capture)
 
     sim = _verb_parser(
         commands,
@@ -390,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--batch-size", type=int, default=16)
     watch.add_argument("--fdr", type=_finite_float, default=0.05)
     watch.add_argument("--min-rel-delta", type=_finite_float, default=0.1)
-    watch.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    _model_flags(watch)
     _tracking_flags(watch)
 
     serve = commands.add_parser(

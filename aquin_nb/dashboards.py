@@ -213,9 +213,11 @@ def compute_dashboards(
         prepend_bos=numerics.prepend_bos,
         max_length=context_length(base, numerics),
     )
+    model_dtype = next(base.original_model.parameters()).dtype
     key = _cache_key(
         __version__, label, identity, _sae_digest(sae), numerics.hook_name,
         corpus_digest(texts), k, BEFORE, AFTER,
+        *([] if model_dtype == torch.float32 else [str(model_dtype)]),
     )  # fmt: skip
     path = cache_dir() / "dashboards" / f"{key}.npz"
     d_sae = int(sae.W_dec.shape[0])
@@ -317,6 +319,7 @@ def feature_dashboards(
     batch_size: int = 16,
     cache: bool = True,
     device: str | None = None,
+    dtype: Any = None,
     progress: bool = True,
 ) -> Dashboards:
     """Dashboards of every feature of ``sae``: top contexts, density, histogram, logit lens.
@@ -329,21 +332,22 @@ def feature_dashboards(
         checkpoint: also compute the dashboards on this checkpoint.
         k: contexts kept per feature.
         cache: reuse and write ``$AQUIN_NB_CACHE/dashboards/<key>.npz``.
+        dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``.
     """
-    from ._diff_core import bridge_label, load_base, load_checkpoint
+    from ._diff_core import bridge_label, load_base, load_pair
     from .saes import check_sae_fits, load_sae, sae_numerics
 
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
         raise AquinError(f"k must be a positive integer, got {k!r}")
-    base = load_base(model, device)
+    if checkpoint is None:
+        base, checkpoint_bridge = load_base(model, device, dtype), None
+    else:
+        base, checkpoint_bridge, _ = load_pair(model, checkpoint, device, dtype)
     label = bridge_label(base) if not isinstance(model, (str, Path)) else str(model)
     sae_obj = load_sae(sae if sae is not None else label, layer)
     numerics = sae_numerics(sae_obj, layer)
     check_sae_fits(sae_obj, int(base.cfg.d_model), int(base.cfg.n_layers), numerics.layer, label)
     texts = read_corpus(corpus, base.tokenizer)
-    checkpoint_bridge = (
-        load_checkpoint(checkpoint, base, model, device)[0] if checkpoint is not None else None
-    )
     return compute_dashboards(
         base,
         checkpoint_bridge,

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from ._activations import prepare_bridge, residual, token_batches
+from ._activations import residual, token_batches
 from ._diff_core import (
     bridge_label,
     check_options,
@@ -64,6 +64,7 @@ def sae_diff(
     min_abs_delta: float = 1e-3,
     fit: str = "fast",
     device: str | None = None,
+    dtype: Any = None,
     progress: bool = True,
 ) -> SaeDiff:
     """Encode the same prompts through base and checkpoint with one SAE and compare.
@@ -82,6 +83,13 @@ def sae_diff(
             KL with the reconstruction spliced in) on the first 8 prompts,
             ``"full"`` on all of them, ``"off"`` not at all; see `aquin_nb._fit`
             for the figures and the pass/warn/fail thresholds.
+        dtype: what the models run in: ``"float32"`` (default), ``"bfloat16"`` or
+            ``"float16"``; the SAE encodes in its own dtype and the statistics
+            accumulate in float64 either way.
+
+    A PEFT LoRA adapter directory is diffed on one copy of the model, the adapter
+    switched off for the base and on for the checkpoint (`aquin_nb._switch`); a
+    checkpoint file reads the base's weights from disk once.
 
     A feature counts as **changed** when both hold:
 
@@ -97,12 +105,20 @@ def sae_diff(
         (['feature', 'label', 'base', 'checkpoint', 'delta'], 'my-ft')
     """
     check_options(fdr, batch_size, fit)
-    prepared = prepare(model, prompts, layer, sae, device, "sae_diff")
+    prepared = prepare(
+        model,
+        prompts,
+        layer,
+        sae,
+        device,
+        "sae_diff",
+        dtype=dtype,
+        checkpoint=checkpoint,
+        switch_adapter=True,
+    )
     base, model_label, numerics = prepared.base, prepared.model_label, prepared.numerics
     sae_obj, token_lists, d_model = prepared.sae, prepared.token_lists, prepared.d_model
-    ckpt, default_name = load_checkpoint(checkpoint, base, model, device)
-    prepared.check_architecture(ckpt)
-    prepare_bridge(ckpt, numerics)
+    ckpt, default_name = prepared.checkpoint, str(prepared.checkpoint_name)
     sae_device = prepared.device
     sae_dtype = sae_obj.W_dec.dtype
 

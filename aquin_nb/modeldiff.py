@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from ._activations import token_batches, tokenize_prompts
-from ._diff_core import bridge_label, load_base, load_checkpoint
+from ._diff_core import bridge_label, load_pair
 from ._errors import AquinError
 from ._lens import logit_lens
 from ._quiet import quiet_unless_progress
@@ -172,6 +172,7 @@ def model_diff(
     batch_size: int = 16,
     context_size: int = DEFAULT_CONTEXT,
     device: str | None = None,
+    dtype: Any = None,
     progress: bool = True,
 ) -> ModelDiff:
     """SAE-free signals of what a fine-tune changed: KL, layer drift, promoted tokens, weights.
@@ -183,6 +184,7 @@ def model_diff(
         prompts: a JSON/JSONL file, a list, or ``None`` for the shipped probe set.
         name: label for the checkpoint; defaults to its file stem.
         context_size: prompts are cut to this many tokens (BOS included).
+        dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` for both models.
 
     Returns a `ModelDiff`; its ``summary["suggested_layer"]`` is the first layer
     whose drift reaches `DRIFT_THRESHOLD`.
@@ -194,7 +196,7 @@ def model_diff(
     """
     if batch_size < 1:
         raise AquinError(f"batch_size must be at least 1, got {batch_size}")
-    base = load_base(model, device)
+    base, ckpt, default_name = load_pair(model, checkpoint, device, dtype)
     model_label = (
         bridge_label(base)
         if not isinstance(model, (str, Path))
@@ -209,7 +211,6 @@ def model_diff(
                 f"prompt {index} ({texts[index][:40]!r}) is shorter than 2 tokens; "
                 "model_diff compares next-token predictions inside each prompt"
             )
-    ckpt, default_name = load_checkpoint(checkpoint, base, model, device)
     n_layers = int(base.cfg.n_layers)
     modules = _module_rows(base, ckpt)
 

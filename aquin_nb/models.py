@@ -23,6 +23,7 @@ from ._checkpoints import (
     normalise_keys,
     read_checkpoint,
 )
+from ._dtypes import default_device, parse_dtype, resolve_dtype
 from ._errors import AquinError
 from .catalog import find_entry
 
@@ -53,10 +54,15 @@ def resolve_model_source(slug_or_path: str | Path) -> tuple[str, str]:
 
 
 def load_hf_model(
-    slug_or_path: str | Path, *, dtype: torch.dtype = torch.float32
+    slug_or_path: str | Path, *, dtype: Any = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """The plain Hugging Face model, its tokenizer and a label, before any bridge."""
+    """The plain Hugging Face model, its tokenizer and a label, before any bridge.
+
+    ``dtype``: float32 (default), bfloat16 or float16, by name or ``torch.dtype``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.float32 if dtype is None else parse_dtype(dtype)
 
     source, label = resolve_model_source(slug_or_path)
     local = Path(source).is_dir()
@@ -114,23 +120,35 @@ def apply_checkpoint(model: PreTrainedModel, checkpoint: str | Path) -> PreTrain
     return model
 
 
+def attach_adapter(model: PreTrainedModel, path: str | Path) -> Any:
+    """A ``PeftModel`` with the checked LoRA adapter directory ``path`` attached to
+    ``model`` in place, not merged (`aquin_nb._switch` switches it on and off)."""
+    from ._adapters import attach_peft_adapter
+
+    model_name = getattr(model.config, "_name_or_path", None) or type(model).__name__
+    max_bytes = checkpoint_byte_limit(model.state_dict())
+    return attach_peft_adapter(model, Path(path).expanduser(), model_name, max_bytes)
+
+
 def load_model(
     slug_or_path: str | Path,
     checkpoint: str | Path | None = None,
     *,
     device: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: Any = None,
 ) -> TransformerBridge:
     """A TransformerLens ``TransformerBridge`` for a catalog slug or a local directory.
 
     With ``checkpoint``, the fine-tuned weights are loaded into the Hugging Face
-    model before it is wrapped, so the bridge runs the checkpoint.
+    model before it is wrapped, so the bridge runs the checkpoint. ``dtype`` is
+    float32 (default), bfloat16 or float16; one ``device`` cannot run is refused.
 
     Example:
         >>> bridge = load_model("tiny-gpt2")
         >>> bridge.cfg.d_model
         192
     """
+    dtype = resolve_dtype(dtype, device)
     model, tokenizer, label = load_hf_model(slug_or_path, dtype=dtype)
     if checkpoint is not None:
         model = apply_checkpoint(model, checkpoint)
@@ -146,7 +164,7 @@ def wrap_bridge(
 ) -> TransformerBridge:
     from transformer_lens.model_bridge import TransformerBridge
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     source = getattr(model.config, "_name_or_path", None) or label
     model.to(torch.device(device))  # type: ignore[arg-type]  # in place for nn.Module
     bridge = TransformerBridge.boot_transformers(

@@ -140,6 +140,7 @@ def sae_train(
     seed: int = 0,
     context_size: int | None = None,
     device: str | None = None,
+    dtype: Any = None,
     progress: bool = True,
 ) -> TrainedSae:
     """Train a temporary SAE on ``layer`` of the model or checkpoint, with SAELens's trainer.
@@ -156,7 +157,9 @@ def sae_train(
     identities are kept, so each feature's decoder rotation is a finding (the
     stage-wise model-diffing approach), and far fewer tokens are needed.
     ``quick`` trains on 120k tokens for a smoke run. The model runs, and the SAE
-    trains, on ``device`` (default: CUDA when available, as `load_model`). Ctrl-C
+    trains, on ``device`` (default: CUDA when available, as `load_model`); the model
+    runs in ``dtype`` (float32, bfloat16 or float16) and the SAE trains in float32
+    on float32 copies of its activations. Ctrl-C
     stops training and still writes what was trained so far (``summary["interrupted"]``).
 
     Output: ``~/.aquin_nb/sae/user/<model>/<name>/sae_layer<N>.pt`` (``{cfg,
@@ -183,9 +186,11 @@ def sae_train(
         if value is not None and value <= 0:
             raise AquinError(f"{label} must be positive, got {value}")
     from ._architectures import max_context
+    from ._dtypes import dtype_name, resolve_dtype
     from .models import load_hf_model
     from .saes import check_sae_fits
 
+    model_dtype = resolve_dtype(dtype, device)
     model_text = str(model)
     hf, _, label = load_hf_model(model_text)
     n_layers, d_model = int(hf.config.num_hidden_layers), int(hf.config.hidden_size)
@@ -246,12 +251,13 @@ def sae_train(
             layer,
             prompts,
             numerics,
-            cache_dir_for(out_dir, layer, corpus_context),
+            cache_dir_for(out_dir, layer, corpus_context, dtype_name(model_dtype)),
             min(budget, 400_000),
             d_model,
             progress,
             corpus_context,
             device,
+            model_dtype,
         )
     if len(data) < 20:
         raise AquinError(f"only {len(data)} activations to train on; give more prompts")

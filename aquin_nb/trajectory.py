@@ -81,6 +81,7 @@ class Comparison:
         backend: str,
         prompt_shards: int,
         device: str | None,
+        dtype: Any = None,
         verb_name: str = "sae_trajectory",
     ) -> None:
         check_options(fdr, batch_size, fit)
@@ -97,7 +98,9 @@ class Comparison:
         self.device = device
         self.batch_size, self.fit_mode, self.backend = batch_size, fit, backend
         self.fdr, self.min_rel_delta, self.min_abs_delta = fdr, min_rel_delta, min_abs_delta
-        self.prepared = prepare(model, prompts, layer, sae, device, verb_name)
+        self.prepared = prepare(model, prompts, layer, sae, device, verb_name, dtype=dtype)
+        # Every checkpoint runs in the base's dtype (Ray workers load it by name).
+        self.dtype = str(next(self.prepared.base.original_model.parameters()).dtype)
         n_prompts = len(self.prepared.token_lists)
         self.n_downstream = {"fast": FAST_PROMPTS, "full": n_prompts, "off": 0}[fit]
         self.prompt_shards = prompt_shards
@@ -279,6 +282,7 @@ def sae_trajectory(
     backend: str = "local",
     prompt_shards: int = 1,
     device: str | None = None,
+    dtype: Any = None,
     progress: bool = True,
 ) -> SaeTrajectory:
     """Diff every checkpoint of a run against one base model through one SAE.
@@ -292,7 +296,7 @@ def sae_trajectory(
             from its name (``step_<N>``, ``checkpoint-<N>``, or any name ending in
             a number), else from its ``step`` field.
         prompts, layer, sae, fdr, min_rel_delta, min_abs_delta, fit, batch_size,
-            device: as in `sae_diff`; every step is judged by the same test.
+            device, dtype: as in `sae_diff`; every step is judged by the same test.
         name: label of the run (default: the run directory's name).
         metrics: a metrics JSONL (``step`` plus numbers per line) to plot on the
             same step axis; default: ``metrics.jsonl`` of the run directory, if
@@ -338,6 +342,7 @@ def sae_trajectory(
         backend=backend,
         prompt_shards=prompt_shards,
         device=device,
+        dtype=dtype,
     )
     summary = comparison.summary(
         name or _default_name(checkpoints), describe(checkpoints), top_k, max_features

@@ -159,6 +159,7 @@ def watch(
     min_abs_delta: float = 1e-3,
     fit: str = "fast",
     device: str | None = None,
+    dtype: Any = None,
     progress: bool = True,
 ) -> SaeTrajectory:
     """Diff each new checkpoint of ``run_dir`` against ``model`` until stopped.
@@ -167,7 +168,7 @@ def watch(
         run_dir: the run directory (its ``checkpoints/`` holds ``step_<N>.pt`` files,
             as `Run.checkpoint` writes them), or that ``checkpoints/`` folder.
         model, prompts, layer, sae, name, top_k, max_features, batch_size, fdr,
-            min_rel_delta, min_abs_delta, fit, device: as in `sae_trajectory`.
+            min_rel_delta, min_abs_delta, fit, device, dtype: as in `sae_trajectory`.
         output: the trajectory JSON (default ``run_dir/trajectory.json``),
             rewritten atomically after each step and read back on a restart.
         metrics: the metrics JSONL to plot (default: the run's ``metrics.jsonl``,
@@ -201,6 +202,7 @@ def watch(
         backend="local",
         prompt_shards=1,
         device=device,
+        dtype=dtype,
         verb_name="watch",
     )
     trajectory = _restore(output, comparison)

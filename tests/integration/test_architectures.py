@@ -366,3 +366,90 @@ def test_lora_recipe_refuses_target_modules_the_model_lacks(tmp_path):
             "tiny-gpt2", run_dir=tmp_path / "run", target_modules=["q_proj"], progress=False
         )
     assert not (tmp_path / "run").exists()
+
+
+def _random_adapter(zoo: Zoo, directory: Path, seed: int, **extra) -> Path:
+    """A LoRA adapter on every module of the table's recipe, A and B both random."""
+    from peft import LoraConfig, get_peft_model
+
+    hf, _, _ = load_hf_model(zoo.model_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=list(zoo.arch.lora_targets),
+        fan_in_fan_out=zoo.arch.fan_in_fan_out,
+        init_lora_weights=False,
+        **extra,
+    )
+    get_peft_model(hf, config).save_pretrained(directory)
+    return directory
+
+
+def _merged_pt(zoo: Zoo, adapter: Path, path: Path) -> Path:
+    hf, _, _ = load_hf_model(zoo.model_dir)
+    merged = apply_checkpoint(hf, adapter)  # merges a copy's LoRA, as before the switch
+    torch.save({"step": 1, "state_dict": merged.state_dict()}, path)
+    return path
+
+
+def test_an_adapter_is_diffed_on_one_model_switched_off_and_on(zoo, tmp_path):
+    """The switched diff equals the diff of the merged checkpoint on two models, on every
+    architecture (GPT-2's and GPT-NeoX's fused qkv included), and the base weights come
+    back to within float rounding after many switches."""
+    from aquin_nb._diff_core import load_pair
+    from aquin_nb._switch import SwitchedBridge
+
+    adapter = _random_adapter(zoo, tmp_path / "adapter", seed=7)
+    switched = sae_diff(zoo.model_dir, adapter, sae=zoo.sae_dir, fit="full", progress=False)
+    merged = sae_diff(
+        zoo.model_dir,
+        _merged_pt(zoo, adapter, tmp_path / "merged.pt"),
+        sae=zoo.sae_dir,
+        fit="full",
+        progress=False,
+    )
+    columns = ["feature", "base", "checkpoint", "delta"]
+    left = switched.features.sort_values("feature")[columns].to_numpy()
+    right = merged.features.sort_values("feature")[columns].to_numpy()
+    assert float(abs(right[:, 3]).max()) > 1e-3  # the adapter moves features
+    torch.testing.assert_close(torch.tensor(left), torch.tensor(right), rtol=1e-4, atol=1e-5)
+    for side in ("base", "checkpoint"):
+        for key in ("explained_variance", "ce_loss_recovered"):
+            assert switched.summary["fit"][side][key] == pytest.approx(
+                merged.summary["fit"][side][key], rel=1e-4, abs=1e-5
+            )
+
+    base, checkpoint, _ = load_pair(zoo.model_dir, adapter, "cpu", switch_adapter=True)
+    assert isinstance(base, SwitchedBridge) and isinstance(checkpoint, SwitchedBridge)
+    assert base._bridge is checkpoint._bridge  # one model in memory, not two
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    before = residual(base, tokens, HOOK)
+    for _ in range(20):
+        residual(checkpoint, tokens, HOOK)
+        after = residual(base, tokens, HOOK)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(residual(checkpoint, tokens, HOOK), before, atol=1e-3)
+
+
+def test_an_adapter_that_trains_biases_falls_back_to_a_merged_copy(zoo, tmp_path, caplog):
+    """Switching off a LoRA with bias="all" would keep its bias changes: it is merged
+    into a second copy instead, and still gives the merged checkpoint's diff."""
+    if zoo.arch.model_type != "gpt2":
+        pytest.skip("one architecture is enough for the fallback")
+    adapter = _random_adapter(zoo, tmp_path / "adapter", seed=8, bias="all")
+    with caplog.at_level("INFO", logger="aquin_nb._diff_core"):
+        switched = sae_diff(zoo.model_dir, adapter, sae=zoo.sae_dir, fit="off", progress=False)
+    assert "second copy" in caplog.text and "bias" in caplog.text
+    merged = sae_diff(
+        zoo.model_dir,
+        _merged_pt(zoo, adapter, tmp_path / "merged.pt"),
+        sae=zoo.sae_dir,
+        fit="off",
+        progress=False,
+    )
+    assert switched.summary["n_changed"] == merged.summary["n_changed"]
+    torch.testing.assert_close(
+        torch.tensor(switched.features.sort_values("feature")["delta"].to_numpy()),
+        torch.tensor(merged.features.sort_values("feature")["delta"].to_numpy()),
+    )

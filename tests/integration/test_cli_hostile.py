@@ -143,6 +143,11 @@ def hostile(hostile_root, tiny_hf, base_state, copy_pt):
             rf"{weights} does not match its config .*missing \(first: {re.escape(LORA_A)}\)",
         ),
         (
+            "targets_absent",
+            _variant(fresh("targets_absent"), adapter, config={"target_modules": ["q_proj"]}),
+            rf"{config}: target_modules \['q_proj'\] match no module of the model",
+        ),
+        (
             "backtracking_regex",
             _variant(fresh("regex"), adapter, config={"target_modules": "(.|.)*Q"}),
             rf"{config}: target_modules '\(\.\|\.\)\*Q' is refused because Python's regex",
@@ -191,6 +196,14 @@ def hostile(hostile_root, tiny_hf, base_state, copy_pt):
         r"argument --min-rel-delta: 'nan' is not a finite number",
     )
     cases["top_negative"] = ([*good, "--top", "-5"], r"argument --top: '-5' is negative")
+    cases["dtype_int8"] = (
+        [*good, "--dtype", "int8"],
+        r"unknown dtype 'int8': use one of float32, bfloat16, float16",
+    )
+    cases["device_cuda_absent"] = (
+        [*good, "--device", "cuda:7"],
+        r"device cuda:7 requested, but (CUDA is not available here|there are \d+ CUDA device)",
+    )
     return cases
 
 
@@ -206,6 +219,7 @@ CASES = [
     "adapter_config_list",
     "adapter_nan_lora_B",
     "adapter_missing_lora_A",
+    "adapter_targets_absent",
     "adapter_backtracking_regex",
     "prompts_nested_100000",
     "prompts_5000_digits",
@@ -217,6 +231,8 @@ CASES = [
     "sae_cfg_list",
     "min_rel_delta_nan",
     "top_negative",
+    "dtype_int8",
+    "device_cuda_absent",
 ]
 
 
@@ -266,3 +282,38 @@ def test_output_equal_to_the_input_checkpoint_leaves_it_unchanged(capsys, tmp_pa
     _assert_one_line_error(code, err, r"--output: output .*ckpt\.pt is the input .*ckpt\.pt")
     assert checkpoint.read_bytes() == before
     assert list(tmp_path.glob(".*.tmp")) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "pattern"),
+    [
+        (
+            ["capture", "--out-dir", "{out}/acts"],
+            ["--context-size", "100000"],
+            r"context_size 100000 is above .*128",
+        ),
+        (["capture", "--out-dir", "{out}/acts"], ["--dtype", "float8"], r"unknown dtype 'float8'"),
+        (
+            ["model", "diff", "--output", "{out}/md.json"],
+            ["--checkpoint", "{ckpt}", "--dtype", "fp64"],
+            r"unknown dtype 'fp64'",
+        ),
+        (
+            ["sae", "dashboards", "--output", "{out}/boards.json"],
+            ["--dtype", "int4"],
+            r"unknown dtype 'int4'",
+        ),
+    ],
+    ids=["capture_context", "capture_dtype", "model_diff_dtype", "dashboards_dtype"],
+)
+def test_other_commands_refuse_bad_sizes_and_dtypes_writing_nothing(
+    capsys, tmp_path, copy_pt, command, flags, pattern
+):
+    out = tmp_path / "out"
+    argv = [part.format(out=out, ckpt=copy_pt) for part in [*command, *flags]]
+    code = main([*argv, "--model", "tiny-gpt2", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(pattern, err), err
+    assert not out.exists() or list(out.rglob("*")) == []
