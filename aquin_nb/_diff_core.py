@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -98,6 +98,15 @@ def load_checkpoint(
     )
 
 
+class Pair(NamedTuple):
+    """A base and a checkpoint, loaded side by side by `load_pair`."""
+
+    base: Any
+    checkpoint: Any
+    name: str  # the checkpoint's default label
+    shared_blocks: int = 0  # leading blocks equal on both sides (`aquin_nb._prefix`)
+
+
 def load_pair(
     model: Any,
     checkpoint: Any,
@@ -105,11 +114,12 @@ def load_pair(
     dtype: Any = None,
     *,
     switch_adapter: bool = False,
-) -> tuple[Any, Any, str]:
-    """``(base, checkpoint, default label)`` bridges, reading the base's weights once.
+) -> Pair:
+    """Base and checkpoint bridges, reading the base's weights once.
 
     When both are paths, the base model is read from disk once and the checkpoint
-    side is a copy of it with the checkpoint's tensors loaded in. With
+    side is a copy of it with the checkpoint's tensors loaded in; the leading
+    blocks the checkpoint left unchanged are counted (``shared_blocks``). With
     ``switch_adapter``, a LoRA adapter directory is not copied at all: both sides
     are views of one model with the adapter switched off and on (`aquin_nb._switch`).
     Anything else (loaded models, bridges) is loaded as `load_base` and
@@ -119,12 +129,13 @@ def load_pair(
 
     from ._checkpoints import is_peft_adapter
     from ._dtypes import resolve_dtype
+    from ._prefix import unchanged_prefix
     from .models import apply_checkpoint, attach_adapter, load_hf_model, wrap_bridge
 
     if not isinstance(model, (str, Path)) or not isinstance(checkpoint, (str, Path)):
         base = load_base(model, device, dtype)
         ckpt, name = load_checkpoint(checkpoint, base, model, device, dtype)
-        return base, ckpt, name
+        return Pair(base, ckpt, name)
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise AquinError(f"checkpoint {path} does not exist")
@@ -139,7 +150,7 @@ def load_pair(
         if reason is None:
             bridge = wrap_bridge(peft_model.base_model.model, tokenizer, label, device=device)
             switch = AdapterSwitch(peft_model, bridge)
-            return (
+            return Pair(
                 SwitchedBridge(bridge, switch, "base", label),
                 SwitchedBridge(bridge, switch, "checkpoint", label),
                 name,
@@ -147,8 +158,9 @@ def load_pair(
         logger.info("diffing adapter %s on a second copy of the model: %s", path, reason)
         hf = peft_model.unload()
     checkpoint_hf = apply_checkpoint(copy.deepcopy(hf), path)
+    shared = unchanged_prefix(hf, checkpoint_hf)
     base = wrap_bridge(hf, tokenizer, label, device=device)
-    return base, wrap_bridge(checkpoint_hf, tokenizer, label, device=device), name
+    return Pair(base, wrap_bridge(checkpoint_hf, tokenizer, label, device=device), name, shared)
 
 
 def check_options(fdr: float, batch_size: int, fit: str) -> None:
@@ -173,6 +185,7 @@ class Prepared:
     token_lists: list[list[int]]
     checkpoint: Any = None  # loaded by `prepare` when it was given one
     checkpoint_name: str | None = None
+    shared_blocks: int = 0  # leading blocks equal in base and checkpoint
 
     @property
     def d_sae(self) -> int:
@@ -211,11 +224,10 @@ def prepare(
     processed the same way.
     """
     if checkpoint is None:
-        base, ckpt, ckpt_name = load_base(model, device, dtype), None, None
+        base, pair = load_base(model, device, dtype), None
     else:
-        base, ckpt, ckpt_name = load_pair(
-            model, checkpoint, device, dtype, switch_adapter=switch_adapter
-        )
+        pair = load_pair(model, checkpoint, device, dtype, switch_adapter=switch_adapter)
+        base = pair.base
     model_label = (
         bridge_label(base)
         if not isinstance(model, (str, Path))
@@ -249,10 +261,11 @@ def prepare(
         max_length=context_length(base, numerics),
     )
     prepared = Prepared(base, model_label, n_layers, d_model, sae_obj, numerics, token_lists)
-    if ckpt is not None:
-        prepared.check_architecture(ckpt)
-        prepare_bridge(ckpt, numerics)
-        prepared.checkpoint, prepared.checkpoint_name = ckpt, ckpt_name
+    if pair is not None:
+        prepared.check_architecture(pair.checkpoint)
+        prepare_bridge(pair.checkpoint, numerics)
+        prepared.checkpoint, prepared.checkpoint_name = pair.checkpoint, pair.name
+        prepared.shared_blocks = pair.shared_blocks
     return prepared
 
 

@@ -342,7 +342,7 @@ def feature_dashboards(
     if checkpoint is None:
         base, checkpoint_bridge = load_base(model, device, dtype), None
     else:
-        base, checkpoint_bridge, _ = load_pair(model, checkpoint, device, dtype)
+        base, checkpoint_bridge, _, _ = load_pair(model, checkpoint, device, dtype)
     label = bridge_label(base) if not isinstance(model, (str, Path)) else str(model)
     sae_obj = load_sae(sae if sae is not None else label, layer)
     numerics = sae_numerics(sae_obj, layer)

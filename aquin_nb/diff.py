@@ -32,6 +32,7 @@ from ._diff_core import (
     prepare,
 )
 from ._fit import FAST_PROMPTS, DownstreamStats
+from ._prefix import SharedPrefix
 from ._quiet import quiet_unless_progress
 from ._shift import ShiftStats, attribute
 from ._stats import FitStats, PairedFeatureStats
@@ -89,7 +90,8 @@ def sae_diff(
 
     A PEFT LoRA adapter directory is diffed on one copy of the model, the adapter
     switched off for the base and on for the checkpoint (`aquin_nb._switch`); a
-    checkpoint file reads the base's weights from disk once.
+    checkpoint file reads the base's weights from disk once, and the leading
+    blocks it left unchanged run once for both sides (`aquin_nb._prefix`).
 
     A feature counts as **changed** when both hold:
 
@@ -128,6 +130,9 @@ def sae_diff(
     downstream = {"base": DownstreamStats(), "checkpoint": DownstreamStats()}
     shift_stats = ShiftStats(len(token_lists), d_model)
     n_downstream = {"fast": FAST_PROMPTS, "full": len(token_lists), "off": 0}[fit]
+    # Leading blocks the checkpoint left unchanged run once for both sides.
+    shared = prepared.shared_blocks
+    prefix = SharedPrefix(base, ckpt, shared) if shared else None
     batches = token_batches(token_lists, batch_size=batch_size, skip_first=numerics.prepend_bos)
     total = (len(token_lists) + batch_size - 1) // batch_size
     with torch.no_grad():
@@ -136,8 +141,12 @@ def sae_diff(
             row_of_token = torch.arange(len(batch.tokens), device=sae_device)[:, None].expand_as(
                 mask
             )[mask]
-            x_base = residual(base, batch.tokens, numerics.hook_name)[mask].to(sae_dtype)
-            x_ckpt = residual(ckpt, batch.tokens, numerics.hook_name)[mask].to(sae_dtype)
+            if prefix is not None:
+                x_base, x_ckpt = prefix.residuals(batch.tokens, numerics.hook_name)
+            else:
+                x_base = residual(base, batch.tokens, numerics.hook_name)
+                x_ckpt = residual(ckpt, batch.tokens, numerics.hook_name)
+            x_base, x_ckpt = x_base[mask].to(sae_dtype), x_ckpt[mask].to(sae_dtype)
             f_base, f_ckpt = sae_obj.encode(x_base), sae_obj.encode(x_ckpt)
             base_fit.update(x_base, sae_obj.decode(f_base))
             checkpoint_fit.update(x_ckpt, sae_obj.decode(f_ckpt))

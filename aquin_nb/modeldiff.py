@@ -196,7 +196,7 @@ def model_diff(
     """
     if batch_size < 1:
         raise AquinError(f"batch_size must be at least 1, got {batch_size}")
-    base, ckpt, default_name = load_pair(model, checkpoint, device, dtype)
+    base, ckpt, default_name, _ = load_pair(model, checkpoint, device, dtype)
     model_label = (
         bridge_label(base)
         if not isinstance(model, (str, Path))

@@ -1,0 +1,102 @@
+"""Unchanged leading blocks run once for base and checkpoint (`aquin_nb._prefix`).
+
+On every catalog architecture (4-block tiny models), the first changed block ``k``
+is drawn at random, the blocks from ``k`` on get random noise, and the shared run
+must give exactly the two plain forwards' activations at every hook kind of every
+layer, without calling the checkpoint's first ``k`` blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import aquin_nb
+from aquin_nb import AquinError, sae_diff
+from aquin_nb._activations import residual
+from aquin_nb._prefix import SharedPrefix, block_list_name, unchanged_prefix
+from aquin_nb.models import load_hf_model, wrap_bridge
+from tests.tiny_models import build_tiny_model
+
+ARCHITECTURES = ["gpt2", "gpt_neox", "llama", "gemma2", "qwen2", "mistral"]
+KINDS = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"]
+N_LAYERS = 4
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_the_shared_prefix_gives_the_plain_forwards_activations(model_type, tmp_path):
+    generator = torch.Generator().manual_seed(ARCHITECTURES.index(model_type))
+    directory = build_tiny_model(model_type, tmp_path / model_type, n_layers=N_LAYERS)
+    hf, tokenizer, _ = load_hf_model(directory)
+    tuned = copy.deepcopy(hf)
+    k = int(torch.randint(1, N_LAYERS, (1,), generator=generator))
+    blocks = tuned.get_submodule(block_list_name(tuned))
+    with torch.no_grad():
+        for block in list(blocks)[k:]:
+            for parameter in block.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    assert unchanged_prefix(hf, tuned) == k
+    base = wrap_bridge(hf, tokenizer, "base", device="cpu")
+    checkpoint = wrap_bridge(tuned, tokenizer, "checkpoint", device="cpu")
+    calls = []
+    for i in range(k):
+        checkpoint.blocks[i].original_component.register_forward_hook(
+            lambda *_, i=i: calls.append(i)
+        )
+    tokens = torch.randint(1, 4000, (3, 11), generator=generator)
+    shared = SharedPrefix(base, checkpoint, k)
+    for layer in range(N_LAYERS):
+        for kind in KINDS:
+            hook = f"blocks.{layer}.{kind}"
+            try:
+                x_base_alone = residual(base, tokens, hook)
+            except AquinError:  # GPT-NeoX's parallel blocks have no hook_resid_mid
+                with pytest.raises(AquinError):
+                    shared.residuals(tokens, hook)
+                continue
+            x_base, x_checkpoint = shared.residuals(tokens, hook)
+            assert torch.equal(x_base, x_base_alone), hook
+            x_checkpoint_alone = residual(checkpoint, tokens, hook)
+            assert torch.equal(x_checkpoint, x_checkpoint_alone), hook
+            changed = not torch.equal(x_checkpoint, x_base)
+            assert changed == (layer >= k and (kind != "hook_resid_pre" or layer > k)), hook
+    calls.clear()
+    shared.residuals(tokens, f"blocks.{N_LAYERS - 1}.hook_resid_post")
+    assert calls == []  # the checkpoint's own first k blocks never ran
+
+
+def test_a_changed_embedding_or_first_block_shares_nothing(tiny_hf):
+    model, _ = tiny_hf
+    for name in ("transformer.wte.weight", "transformer.h.0.ln_1.bias"):
+        tuned = copy.deepcopy(model)
+        with torch.no_grad():
+            tuned.get_parameter(name).add_(1e-3)
+        assert unchanged_prefix(model, tuned) == 0, name
+    assert unchanged_prefix(model, copy.deepcopy(model)) == 4
+
+
+def test_sae_diff_with_a_shared_prefix_equals_the_two_full_forwards(tmp_path, base_state):
+    """Block 1 changed, blocks 0 shared; the SAE reads blocks.2.hook_resid_pre."""
+    torch.manual_seed(11)
+    tuned = {key: value.clone() for key, value in base_state.items()}
+    for key in tuned:
+        if key.startswith("transformer.h.1."):
+            tuned[key] += 0.02 * torch.randn_like(tuned[key])
+    path = tmp_path / "tuned.pt"
+    torch.save(tuned, path)
+    shared = sae_diff("tiny-gpt2", path, fit="off", progress=False)
+    plain = sae_diff(
+        aquin_nb.load_model("tiny-gpt2"),
+        aquin_nb.load_model("tiny-gpt2", path),  # loaded bridges are never shared
+        fit="off",
+        progress=False,
+    )
+    columns = ["feature", "base", "checkpoint", "delta"]
+    np.testing.assert_array_equal(
+        shared.features.sort_values("feature")[columns].to_numpy(),
+        plain.features.sort_values("feature")[columns].to_numpy(),
+    )
+    assert shared.summary["n_changed"] == plain.summary["n_changed"] > 0
