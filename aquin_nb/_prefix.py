@@ -19,7 +19,7 @@ Example:
     >>> base, _, _ = load_hf_model("tiny-gpt2")
     >>> tuned = copy.deepcopy(base)
     >>> with torch.no_grad():
-    ...     tuned.transformer.h[2].mlp.c_fc.weight.add_(0.01)
+    ...     _ = tuned.transformer.h[2].mlp.c_fc.weight.add_(0.01)
     >>> unchanged_prefix(base, tuned)
     2
 """

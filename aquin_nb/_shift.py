@@ -7,7 +7,8 @@ mean activation barely moves while features that read the direction negatively
 drop. So `sae_diff` also decomposes the mean residual-stream shift at the SAE's
 hook over the SAE's unit decoder directions.
 
-**Method: orthogonal matching pursuit** (scikit-learn's ``orthogonal_mp``), over
+**Method: orthogonal matching pursuit** (`pursuit`; the picks of scikit-learn's
+``orthogonal_mp``, without its ``d_sae × d_sae`` path array), over
 the per-prompt mean shifts (checkpoint − base, BOS and padding excluded):
 
 1. OMP on the mean shift over prompts (each prompt weighted equally) picks at
@@ -72,29 +73,17 @@ class Attribution:
 def attribute(per_prompt: np.ndarray, decoder: Any, max_atoms: int = MAX_ATOMS) -> Attribution:
     """Decompose the shifts ``[n_prompts, d_model]`` over ``decoder`` ``[d_sae, d_model]``."""
     from scipy.stats import ttest_1samp
-    from sklearn.linear_model import orthogonal_mp
 
-    directions = torch.as_tensor(decoder).detach().double().cpu()
-    directions = (directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)).numpy()
-    d_sae = len(directions)
+    decoder = torch.as_tensor(decoder).detach()
+    d_sae = int(decoder.shape[0])
     mean_shift = per_prompt.mean(0)
     total = float(mean_shift @ mean_shift)
     shift, p_value = np.zeros(d_sae), np.ones(d_sae)
     if total == 0.0:
         return Attribution(shift, p_value, [], 1.0, mean_shift)
-    atoms = min(max_atoms, directions.shape[1], d_sae)
-    path = orthogonal_mp(
-        directions.T, mean_shift, n_nonzero_coefs=atoms, return_path=True, precompute=False
-    )
-    path = path.reshape(d_sae, -1)
-    steps = path.shape[1]
-    for step in range(steps):  # the shortest prefix of the path that explains enough
-        residual = mean_shift - directions.T @ path[:, step]
-        if 1 - float(residual @ residual) / total >= EXPLAINED_STOP:
-            break
-    chosen = np.flatnonzero(path[:, step])
-    order = sorted(chosen, key=lambda f: int(np.argmax(path[f] != 0)))  # OMP's pick order
-    basis = directions[order].T  # [d_model, |S|]
+    atoms = min(max_atoms, int(decoder.shape[1]), d_sae)
+    order = pursuit(decoder, mean_shift, atoms)
+    basis = _unit_rows(decoder, order).T  # [d_model, |S|]
     per_prompt_coefficients, *_ = np.linalg.lstsq(basis, per_prompt.T, rcond=None)
     shift[order] = per_prompt_coefficients.mean(1)
     spread = per_prompt_coefficients.std(1)
@@ -106,3 +95,41 @@ def attribute(per_prompt: np.ndarray, decoder: Any, max_atoms: int = MAX_ATOMS) 
     residual = mean_shift - basis @ shift[order]
     explained = 1 - float(residual @ residual) / total
     return Attribution(shift, p_value, [int(f) for f in order], explained, mean_shift)
+
+
+@torch.no_grad()
+def pursuit(decoder: torch.Tensor, target: np.ndarray, atoms: int) -> list[int]:
+    """Orthogonal matching pursuit of ``target`` over ``decoder``'s unit rows: the rows
+    in the order chosen, at most ``atoms``, stopping once they explain `EXPLAINED_STOP`
+    of its squared norm.
+
+    scikit-learn's ``orthogonal_mp`` computes the same picks, but with the path it
+    allocates a ``d_sae × d_sae`` float64 array (32 GiB at 65,536 features). Here
+    each step is one product of the decoder (in its own dtype and device, never
+    copied) with the residual, and a least-squares fit on the few rows chosen.
+    """
+    norms = decoder.norm(dim=-1).double().cpu().clamp_min(1e-12)
+    wanted = torch.as_tensor(target, dtype=torch.float64)
+    total = float(wanted @ wanted)
+    residual = wanted.clone()
+    order: list[int] = []
+    for _ in range(atoms):
+        scores = (decoder @ residual.to(decoder.device, decoder.dtype)).double().cpu() / norms
+        scores[order] = 0.0
+        best = int(scores.abs().argmax())
+        if float(scores[best]) == 0.0:
+            break
+        order.append(best)
+        basis = torch.as_tensor(_unit_rows(decoder, order))  # [|S|, d_model]
+        coefficients = torch.linalg.lstsq(basis.T, wanted[:, None]).solution[:, 0]
+        residual = wanted - basis.T @ coefficients
+        if 1 - float(residual @ residual) / total >= EXPLAINED_STOP:
+            break
+    return order
+
+
+def _unit_rows(decoder: torch.Tensor, rows: list[int]) -> np.ndarray:
+    """``decoder``'s ``rows`` as float64 unit vectors, ``[len(rows), d_model]``."""
+    chosen = decoder[torch.as_tensor(rows, dtype=torch.long, device=decoder.device)]
+    chosen = chosen.double().cpu()
+    return (chosen / chosen.norm(dim=-1, keepdim=True).clamp_min(1e-12)).numpy()

@@ -420,7 +420,7 @@ def test_an_adapter_is_diffed_on_one_model_switched_off_and_on(zoo, tmp_path):
                 merged.summary["fit"][side][key], rel=1e-4, abs=1e-5
             )
 
-    base, checkpoint, _ = load_pair(zoo.model_dir, adapter, "cpu", switch_adapter=True)
+    base, checkpoint, _, _ = load_pair(zoo.model_dir, adapter, "cpu", switch_adapter=True)
     assert isinstance(base, SwitchedBridge) and isinstance(checkpoint, SwitchedBridge)
     assert base._bridge is checkpoint._bridge  # one model in memory, not two
     tokens = torch.tensor([[1, 2, 3, 4]])

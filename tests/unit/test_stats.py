@@ -63,3 +63,40 @@ def test_fit_stats_known_answers():
     mean_only.update(x[:50], x.mean(0).expand(50, 4))
     mean_only.update(x[50:], x.mean(0).expand(50, 4))
     assert mean_only.explained_variance() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pursuit_picks_what_scikit_learns_omp_picks():
+    """Random sparse problems: the same rows in the same order as ``orthogonal_mp``."""
+    from sklearn.linear_model import orthogonal_mp
+
+    from aquin_nb._shift import pursuit
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        decoder = rng.standard_normal((256, 32)).astype(np.float32)
+        unit = decoder.astype(np.float64) / np.linalg.norm(decoder, axis=1, keepdims=True)
+        support = rng.choice(256, int(rng.integers(1, 6)), replace=False)
+        target = rng.standard_normal(len(support)) @ unit[support]
+        target += 0.01 * rng.standard_normal(32)
+        ours = pursuit(torch.tensor(decoder), target, 16)
+        path = orthogonal_mp(unit.T, target, n_nonzero_coefs=16, return_path=True)
+        path = path.reshape(256, -1)[:, : len(ours)]
+        chosen = np.flatnonzero(path[:, -1])
+        theirs = sorted(chosen, key=lambda f: int(np.argmax(path[f] != 0)))  # pick order
+        assert ours == [int(f) for f in theirs]
+
+
+def test_attribution_at_65536_features_recovers_a_planted_direction():
+    """scikit-learn's path would need a 65,536² float64 array (32 GiB) here."""
+    from aquin_nb._shift import attribute
+
+    generator = torch.Generator().manual_seed(5)
+    decoder = torch.randn(65536, 48, generator=generator)
+    planted = int(torch.randint(65536, (1,), generator=generator))
+    direction = (decoder[planted] / decoder[planted].norm()).double().numpy()
+    per_prompt = (
+        0.7 * direction[None, :] + 0.01 * torch.randn(12, 48, generator=generator).double().numpy()
+    )
+    attribution = attribute(per_prompt, decoder)
+    assert attribution.support[0] == planted
+    assert attribution.shift[planted] == pytest.approx(0.7, abs=0.02)
