@@ -13,8 +13,9 @@ thresholds set so about ``--l0`` features fire per token. The checkpoints:
 
 1. full: every tensor moved by ``--noise`` times its spread (a full fine-tune),
    one ``.safetensors`` file;
-2. half: the embeddings and the first half of the blocks exactly the base's,
-   the rest moved as in (1);
+2. half: the embeddings and the first half of the blocks the SAE reads through
+   (``layer // 2`` of the ``layer`` blocks before ``blocks.<layer>.hook_resid_pre``)
+   exactly the base's, the rest moved as in (1);
 3. adapter: a PEFT LoRA directory (rank 16) on the architecture's LoRA targets
    (`aquin_nb._architectures`), every ``lora_B`` random and nonzero.
 
@@ -31,13 +32,14 @@ shared machine mean little):
   ``--prompts-scale`` times the prompts against 1x.
 * adapter/one model: peak RSS of a fresh process diffing the adapter directory
   against a fresh process that loads the model once and runs the floor forward.
-* half/full: the time of ``sae_diff`` from paths on checkpoint (2) against (1);
-  1.0 means the unchanged blocks are recomputed (and with the 1B shape at layer 8
-  checkpoint (2) changes nothing the SAE reads).
+* half/full: the time of ``sae_diff`` from paths on checkpoint (2) against (1)
+  (loading included); 1.0 means the unchanged blocks are recomputed, 0.75 is
+  one prefix and two suffixes of the forwards alone.
 * CLI/floor: ``aquin-nb sae diff --fit off -q`` end to end (its wall time) against
-  a process importing ``aquin_nb`` and torch, plus one read of each weight file
-  (base and checkpoint), plus the floor above. The import of transformers,
-  TransformerLens and SAELens is reported beside it (``import_stack_s``).
+  the import of the stack it is built on (torch, transformers, TransformerLens,
+  SAELens), plus one read of each weight file (base and checkpoint), plus the
+  floor above. ``CLI/bare floor`` counts only ``aquin_nb``, torch and safetensors
+  as the imports, what a script with no TransformerLens or SAELens would pay.
 
 Peak RSS is the child's own ``VmHWM`` (a running maximum over all children
 would hide the smaller runs). The SAE runs in float32 whatever ``--dtype``;
@@ -323,7 +325,7 @@ def build(shape: Shape, args: argparse.Namespace) -> Artifacts:
     art = Artifacts(
         model=folder / "base",
         full=folder / "full.safetensors",
-        half=folder / "half.safetensors",
+        half=folder / f"half_L{layer}.safetensors",
         adapter=folder / "adapter",
         saes={
             d_sae: folder / f"sae_{args.sae_arch}_{processing}_L{layer}_{d_sae}_l0{args.l0}"
@@ -350,7 +352,7 @@ def build(shape: Shape, args: argparse.Namespace) -> Artifacts:
     def unchanged_in_half(key: str) -> bool:
         match = block_index.match(key)
         if match is not None:
-            return int(match.group(1)) < shape.n_layers // 2
+            return int(match.group(1)) < max(1, layer // 2)
         return any(name in key for name in ("wte", "wpe", "embed_tokens"))
 
     for path, keep, seed in ((art.full, lambda key: False, 1), (art.half, unchanged_in_half, 2)):
@@ -678,10 +680,14 @@ def measure(shape: Shape, art: Artifacts, d_sae: int, args: argparse.Namespace) 
         row["import_s"] = statistics.median(
             _wall([sys.executable, "-c", FLOOR_IMPORTS]) for _ in range(args.repeats)
         )
-        row["import_stack_s"] = _wall([sys.executable, "-c", STACK_IMPORTS])
+        row["import_stack_s"] = statistics.median(
+            _wall([sys.executable, "-c", STACK_IMPORTS]) for _ in range(args.repeats)
+        )
         row["read_weights_s"] = _read_weights([*_weight_files(art.model), art.full])
         if "floor_s" in row:
-            row["e2e_floor_s"] = row["import_s"] + row["read_weights_s"] + row["floor_s"]
+            reads = row["read_weights_s"] + row["floor_s"]
+            row["e2e_floor_s"] = row["import_stack_s"] + reads
+            row["e2e_bare_floor_s"] = row["import_s"] + reads
     return row
 
 
@@ -771,6 +777,7 @@ RATIOS = {
     "adapter/one model": ("rss_adapter_mb", "rss_one_model_mb"),
     "half/full": ("path_half_s", "path_full_s"),
     "CLI/floor": ("cli_s", "e2e_floor_s"),
+    "CLI/bare floor": ("cli_s", "e2e_bare_floor_s"),
 }
 
 
