@@ -27,6 +27,7 @@ from ._activations import TokenBatch, residual, token_batches
 from ._fit import DownstreamStats
 from ._stats import BaseFeatureStats, FitStats, PairedFeatureStats
 from .saes import SaeNumerics
+from .saes import decode as sparse_decode
 
 
 @dataclass
@@ -162,7 +163,7 @@ def base_pass(
     )
     for batch, mask, rows in _batches(shard, batch_size, numerics, device):
         x, features = _features(bridge, sae, numerics, batch, mask)
-        result.fit.update(x, sae.decode(features))
+        result.fit.update(x, sparse_decode(sae, features))
         result.features.update(features, rows, len(batch.tokens))
         result.residual.update(x, _prompt_of_token(batch, rows))
         _downstream(result.downstream, bridge, sae, numerics, batch, shard, n_downstream)
@@ -194,7 +195,7 @@ def checkpoint_pass(
         raise RuntimeError("the base pass was computed over other batches than this shard's")
     for (batch, mask, rows), base_means in zip(batches, base.features.batch_means, strict=True):
         x, features = _features(bridge, sae, numerics, batch, mask)
-        result.fit.update(x, sae.decode(features))
+        result.fit.update(x, sparse_decode(sae, features))
         result.features.update_checkpoint(features, rows, base_means.to(device))
         result.residual.update(x, _prompt_of_token(batch, rows))
         _downstream(result.downstream, bridge, sae, numerics, batch, shard, n_downstream)

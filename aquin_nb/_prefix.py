@@ -10,8 +10,9 @@ suffixes instead of two full forwards. The bridge has no ``start_at_layer``
 loop), hence the replay.
 
 `unchanged_prefix` finds ``k`` by comparing the two models' weights tensor by
-tensor on load; any difference outside the blocks, other than an untied output
-head, gives ``k = 0`` and nothing is shared.
+tensor on load. A difference in what runs before the blocks (the embeddings,
+found by running one token up to the first block) gives ``k = 0``; one in what
+runs after them (the final norm, an untied output head) does not matter.
 
 Example:
     >>> import copy, torch
@@ -46,15 +47,15 @@ def block_list_name(model: Any) -> str | None:
 
 @torch.no_grad()
 def unchanged_prefix(base: Any, checkpoint: Any) -> int:
-    """How many leading blocks (with the embeddings) ``checkpoint`` shares with ``base``."""
+    """How many leading blocks ``checkpoint`` shares with ``base``, with what runs before
+    them (the embeddings): 0 when any of that differs."""
     blocks = block_list_name(base)
     if blocks is None:
         return 0
-    n_layers = int(base.config.num_hidden_layers)
-    head = base.get_output_embeddings()
-    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-    input_ids = {id(p) for p in base.get_input_embeddings().parameters()}
-    changed = n_layers
+    before_blocks = _parameters_before_blocks(base, blocks)
+    if before_blocks is None:
+        return 0
+    changed = int(base.config.num_hidden_layers)
     checkpoint_parameters = dict(checkpoint.named_parameters())
     for name, parameter in base.named_parameters():
         other = checkpoint_parameters.get(name)
@@ -62,11 +63,47 @@ def unchanged_prefix(base: Any, checkpoint: Any) -> int:
             continue
         if name.startswith(f"{blocks}."):
             changed = min(changed, int(name[len(blocks) + 1 :].split(".", 1)[0]))
-        elif id(parameter) in head_ids and id(parameter) not in input_ids:
-            continue  # an untied output head runs after every block
-        else:
-            return 0  # the embeddings (or something unknown) changed
+        elif name in before_blocks:
+            return 0  # the embeddings changed: nothing is shared
+        # else: a module that runs after the blocks (the final norm, an untied head)
     return changed
+
+
+class _BlocksReached(Exception):
+    pass
+
+
+def _parameters_before_blocks(model: Any, blocks: str) -> set[str] | None:
+    """Names of the parameters of every module that runs before the first block, found
+    by running one token until the first block starts (None if that fails)."""
+    ran: list[torch.nn.Module] = []
+    handles = [
+        module.register_forward_hook(lambda module, *_: ran.append(module))
+        for name, module in model.named_modules()
+        if name and not name.startswith(f"{blocks}.") and name != blocks
+    ]
+
+    def stop(*_: Any) -> None:
+        raise _BlocksReached
+
+    handles.append(model.get_submodule(f"{blocks}.0").register_forward_pre_hook(stop))
+    device = next(model.parameters()).device
+    try:
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    except _BlocksReached:
+        pass
+    except Exception:  # an architecture this probe cannot run: share nothing
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    owners = {id(module) for module in ran}
+    return {
+        f"{name}.{parameter_name}" if name else parameter_name
+        for name, module in model.named_modules()
+        if id(module) in owners
+        for parameter_name, _ in module.named_parameters(recurse=False)
+    }
 
 
 _WRAPPED = "_original_component"

@@ -39,6 +39,7 @@ from ._stats import FitStats, PairedFeatureStats
 from ._tokenview import LiveDiff
 from ._verbs import verb
 from .results import DISPLAY_COLUMNS, FEATURE_COLUMNS, SaeDiff
+from .saes import decode as sparse_decode
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +149,8 @@ def sae_diff(
                 x_ckpt = residual(ckpt, batch.tokens, numerics.hook_name)
             x_base, x_ckpt = x_base[mask].to(sae_dtype), x_ckpt[mask].to(sae_dtype)
             f_base, f_ckpt = sae_obj.encode(x_base), sae_obj.encode(x_ckpt)
-            base_fit.update(x_base, sae_obj.decode(f_base))
-            checkpoint_fit.update(x_ckpt, sae_obj.decode(f_ckpt))
+            base_fit.update(x_base, sparse_decode(sae_obj, f_base))
+            checkpoint_fit.update(x_ckpt, sparse_decode(sae_obj, f_ckpt))
             stats.update(f_base, f_ckpt, row_of_token, len(batch.tokens))
             shift_stats.update(
                 x_ckpt.double() - x_base.double(), batch.prompt_index.to(sae_device)[row_of_token]
@@ -208,11 +209,12 @@ LABELED = 200
 
 
 def _with_labels(features: pd.DataFrame, bridge: Any, sae: Any) -> pd.DataFrame:
-    """Label the features a reader meets first: the top `LABELED` by |Δ| and by |shift|,
-    and every feature the shift decomposition chose (others stay ``None``)."""
+    """Label the features a reader meets first: the top `LABELED` by |Δ| and every
+    feature the shift decomposition chose (others stay ``None``)."""
     from .labels import feature_labels
 
     by_shift = features["shift"].abs().sort_values(ascending=False, kind="stable")
+    by_shift = by_shift[by_shift > 0]  # the decomposition's support, at most MAX_ATOMS
     chosen = dict.fromkeys(
         [
             *features["feature"].head(LABELED).tolist(),

@@ -69,13 +69,35 @@ def test_the_shared_prefix_gives_the_plain_forwards_activations(model_type, tmp_
 
 
 def test_a_changed_embedding_or_first_block_shares_nothing(tiny_hf):
+    """Embeddings (tied to GPT-2's head) and block 0 share nothing; the final norm,
+    which runs after every block, leaves the prefix shared."""
     model, _ = tiny_hf
-    for name in ("transformer.wte.weight", "transformer.h.0.ln_1.bias"):
+    for name, expected in [
+        ("transformer.wte.weight", 0),
+        ("transformer.wpe.weight", 0),
+        ("transformer.h.0.ln_1.bias", 0),
+        ("transformer.ln_f.weight", 4),
+        ("transformer.h.3.mlp.c_fc.weight", 3),
+    ]:
         tuned = copy.deepcopy(model)
         with torch.no_grad():
             tuned.get_parameter(name).add_(1e-3)
-        assert unchanged_prefix(model, tuned) == 0, name
+        assert unchanged_prefix(model, tuned) == expected, name
     assert unchanged_prefix(model, copy.deepcopy(model)) == 4
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_only_the_embeddings_count_as_before_the_blocks(model_type, tmp_path):
+    from aquin_nb._prefix import _parameters_before_blocks
+
+    hf, _, _ = load_hf_model(build_tiny_model(model_type, tmp_path / model_type))
+    before = _parameters_before_blocks(hf, block_list_name(hf))
+    embeddings = {
+        name for name, p in hf.named_parameters()
+        if any(p is q for q in hf.get_input_embeddings().parameters())
+    }  # fmt: skip
+    assert embeddings and embeddings <= before
+    assert all("embed" in name or "wte" in name or "wpe" in name for name in before), before
 
 
 def test_sae_diff_with_a_shared_prefix_equals_the_two_full_forwards(tmp_path, base_state):

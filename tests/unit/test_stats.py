@@ -100,3 +100,24 @@ def test_attribution_at_65536_features_recovers_a_planted_direction():
     attribution = attribute(per_prompt, decoder)
     assert attribution.support[0] == planted
     assert attribution.shift[planted] == pytest.approx(0.7, abs=0.02)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
+def test_the_sparse_decode_equals_saelens_dense_decode(architecture):
+    from sae_lens import SAE
+
+    from aquin_nb.saes import decode
+
+    cfg = {"architecture": architecture, "d_in": 32, "d_sae": 2048, "dtype": "float32"}
+    if architecture == "topk":
+        cfg["k"] = 16
+    sae = SAE.from_dict(cfg)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    features = torch.relu(torch.randn(64, 2048, generator=generator) - 2.5)  # ~0.6% nonzero
+    assert 0 < torch.count_nonzero(features) / features.numel() < 0.05
+    torch.testing.assert_close(decode(sae, features), sae.decode(features), rtol=1e-5, atol=1e-4)
+    dense = torch.rand(8, 2048, generator=generator)  # every feature on: the dense path
+    torch.testing.assert_close(decode(sae, dense), sae.decode(dense))
