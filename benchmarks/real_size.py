@@ -31,7 +31,11 @@ shared machine mean little):
 * RSS 10x/1x: peak RSS of a fresh process running ``sae_diff`` from paths at
   ``--prompts-scale`` times the prompts against 1x.
 * adapter/one model: peak RSS of a fresh process diffing the adapter directory
-  against a fresh process that loads the model once and runs the floor forward.
+  against a fresh process that does what one side of the diff does (imports the
+  same stack, loads the model as a bridge with every weight resident, the SAE,
+  runs the prompts through both); ``rss_one_plain_mb`` is a plain Hugging Face model running the floor
+  forward, for reference (its weight files are mapped lazily, so blocks after
+  the SAE's layer may never be paged in).
 * half/full: the time of ``sae_diff`` from paths on checkpoint (2) against (1)
   (loading included); 1.0 means the unchanged blocks are recomputed, 0.75 is
   one prefix and two suffixes of the forwards alone.
@@ -437,7 +441,22 @@ def run_child(job: dict[str, Any]) -> None:
     from aquin_nb._dtypes import DTYPES
 
     torch.set_grad_enabled(False)
-    if job["kind"] == "diff":
+    if job["kind"] == "bridge":  # what one side of sae_diff holds: the stack, a bridge, the SAE
+        from aquin_nb import load_model, load_sae
+        from aquin_nb._activations import prepare_bridge, residual, token_batches
+        from aquin_nb.saes import sae_numerics
+
+        bridge = load_model(job["model"], device=job["device"], dtype=job["dtype"])
+        for parameter in bridge.original_model.parameters():
+            parameter.sum()  # the whole model resident (safetensors are mapped lazily)
+        sae = load_sae(job["sae"]).to(job["device"])
+        numerics = sae_numerics(sae)
+        prepare_bridge(bridge, numerics)
+        prompts = json.loads(Path(job["prompts"]).read_text())
+        for batch in token_batches(_token_lists(prompts, sae), batch_size=16, skip_first=True):
+            x = residual(bridge, batch.tokens, numerics.hook_name)
+            sae.encode(x[batch.mask.to(x.device)].to(sae.W_dec.dtype))
+    elif job["kind"] == "diff":
         from aquin_nb import sae_diff
 
         sae_diff(
@@ -577,11 +596,13 @@ def measure(shape: Shape, art: Artifacts, d_sae: int, args: argparse.Namespace) 
             _guarded(row, name, lambda job=job: _child(job))
     floor_job = {"kind": "floor", "prompts": str(prompt_files[1]), "attn": args.floor_attn}
     floor_job.update(common, dtype=args.dtype)
-    for name, checkpoint in (("rss_one_model_mb", None), ("rss_floor_two_mb", str(art.full))):
+    for name, checkpoint in (("rss_one_plain_mb", None), ("rss_floor_two_mb", str(art.full))):
         _log(f"{tag} {name}")
         _guarded(
             row, name, lambda checkpoint=checkpoint: _child({**floor_job, "checkpoint": checkpoint})
         )
+    _log(f"{tag} rss_one_model_mb")
+    _guarded(row, "rss_one_model_mb", lambda: _child({**floor_job, "kind": "bridge"}))
 
     # Compute: the plain pair (floor, naive) and the bridges (ours), interleaved when all
     # four models fit in memory, else one pair at a time.
