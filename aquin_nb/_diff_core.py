@@ -118,19 +118,19 @@ def load_pair(
     """Base and checkpoint bridges, reading the base's weights once.
 
     When both are paths, the base model is read from disk once and the checkpoint
-    side is a copy of it with the checkpoint's tensors loaded in; the leading
+    side is built around the checkpoint's own tensors (`aquin_nb.models.checkpoint_twin`:
+    no copy of the base); the leading
     blocks the checkpoint left unchanged are counted (``shared_blocks``). With
     ``switch_adapter``, a LoRA adapter directory is not copied at all: both sides
     are views of one model with the adapter switched off and on (`aquin_nb._switch`).
     Anything else (loaded models, bridges) is loaded as `load_base` and
     `load_checkpoint` do.
     """
-    import copy
 
     from ._checkpoints import is_peft_adapter
     from ._dtypes import resolve_dtype
     from ._prefix import unchanged_prefix
-    from .models import apply_checkpoint, attach_adapter, load_hf_model, wrap_bridge
+    from .models import attach_adapter, checkpoint_twin, load_hf_model, wrap_bridge
 
     if not isinstance(model, (str, Path)) or not isinstance(checkpoint, (str, Path)):
         base = load_base(model, device, dtype)
@@ -157,7 +157,7 @@ def load_pair(
             )
         logger.info("diffing adapter %s on a second copy of the model: %s", path, reason)
         hf = peft_model.unload()
-    checkpoint_hf = apply_checkpoint(copy.deepcopy(hf), path)
+    checkpoint_hf = checkpoint_twin(hf, path)
     shared = unchanged_prefix(hf, checkpoint_hf)
     base = wrap_bridge(hf, tokenizer, label, device=device)
     return Pair(base, wrap_bridge(checkpoint_hf, tokenizer, label, device=device), name, shared)

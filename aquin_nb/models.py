@@ -120,6 +120,62 @@ def apply_checkpoint(model: PreTrainedModel, checkpoint: str | Path) -> PreTrain
     return model
 
 
+def checkpoint_twin(model: PreTrainedModel, checkpoint: str | Path) -> PreTrainedModel:
+    """A second model running ``checkpoint``, beside ``model`` (the base, left untouched).
+
+    Checked as `apply_checkpoint` checks, then built without copying the base:
+    the new model's parameters are the checkpoint's own tensors (converted to the
+    base's dtype), tied ones tied again, and only non-persistent buffers copied
+    from the base. Peak memory is the base plus the checkpoint, not the base, a
+    copy of it and the checkpoint. A PEFT adapter, or a model this cannot build,
+    is applied to a copy of the base instead.
+    """
+    import copy
+
+    path = Path(checkpoint).expanduser()
+    if is_peft_adapter(path):
+        return apply_checkpoint(copy.deepcopy(model), path)
+    model_name = getattr(model.config, "_name_or_path", None) or type(model).__name__
+    model_state = model.state_dict()
+    state, step = read_checkpoint(path, max_bytes=checkpoint_byte_limit(model_state))
+    state = normalise_keys(state, model_state, source=str(path))
+    check_against_model(state, model_state, source=str(path), model_name=model_name)
+    try:
+        with torch.device("meta"):
+            twin = type(model)(model.config)
+    except Exception:  # a model class that cannot be built on the meta device
+        return _copied_twin(model, state)
+    weights = {
+        key: state.pop(key).to(tensor.dtype).contiguous()
+        for key, tensor in model_state.items()
+        if key in state
+    }
+    twin.load_state_dict(weights, assign=True, strict=False)
+    del weights
+    twin.tie_weights()
+    twin_buffers = dict(twin.named_buffers())
+    for name, buffer in model.named_buffers():
+        if twin_buffers.get(name) is not None and twin_buffers[name].is_meta:
+            owner, _, leaf = name.rpartition(".")
+            twin.get_submodule(owner).register_buffer(leaf, buffer.clone(), persistent=False)
+    if any(t.is_meta for t in (*twin.parameters(), *twin.buffers())):
+        raise AquinError(f"checkpoint {path} leaves tensors of {model_name} unset")
+    twin.generation_config = copy.deepcopy(model.generation_config)
+    logger.info("loaded checkpoint %s (step %s, %d tensors)", path, step, len(model_state))
+    return twin.eval()
+
+
+def _copied_twin(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    import copy
+
+    twin = copy.deepcopy(model)
+    twin_state = twin.state_dict()
+    with torch.no_grad():
+        for key, tensor in state.items():
+            twin_state[key].copy_(tensor.to(twin_state[key].dtype))
+    return twin
+
+
 def attach_adapter(model: PreTrainedModel, path: str | Path) -> Any:
     """A ``PeftModel`` with the checked LoRA adapter directory ``path`` attached to
     ``model`` in place, not merged (`aquin_nb._switch` switches it on and off)."""

@@ -453,3 +453,31 @@ def test_an_adapter_that_trains_biases_falls_back_to_a_merged_copy(zoo, tmp_path
         torch.tensor(switched.features.sort_values("feature")["delta"].to_numpy()),
         torch.tensor(merged.features.sort_values("feature")["delta"].to_numpy()),
     )
+
+
+def test_the_checkpoint_twin_equals_the_checkpoint_loaded_into_a_copy(zoo):
+    """Built around the checkpoint's own tensors, it holds what `apply_checkpoint` gives a
+    copy of the base: every tensor, buffer, tie and output, with the base untouched."""
+    import copy
+
+    from aquin_nb.models import checkpoint_twin
+
+    base, _, _ = load_hf_model(zoo.model_dir)
+    before = {key: value.clone() for key, value in base.state_dict().items()}
+    twin = checkpoint_twin(base, zoo.planted_pt)
+    reference = apply_checkpoint(copy.deepcopy(base), zoo.planted_pt)
+    twin_state, reference_state = twin.state_dict(), reference.state_dict()
+    assert twin_state.keys() == reference_state.keys()
+    for key, value in reference_state.items():
+        assert torch.equal(twin_state[key], value), key
+    for (name, buffer), (_, expected) in zip(
+        twin.named_buffers(), reference.named_buffers(), strict=True
+    ):
+        assert torch.equal(buffer, expected), name
+    head, embedding = twin.get_output_embeddings(), twin.get_input_embeddings()
+    tied = reference.get_output_embeddings().weight is reference.get_input_embeddings().weight
+    assert (head.weight is embedding.weight) == tied
+    tokens = torch.tensor([[1, 5, 9, 2]])
+    torch.testing.assert_close(twin(tokens).logits, reference(tokens).logits, rtol=0, atol=0)
+    for key, value in base.state_dict().items():
+        assert torch.equal(value, before[key]), key
