@@ -383,6 +383,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         exact_linear=args.exact_linear,
         curvature=args.curvature,
         context_size=args.context_size,
+        dtype=args.dtype,
         progress=not args.quiet,
     )
     _show(args, simulation)

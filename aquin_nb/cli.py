@@ -372,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="T steps of GD on the linearised model (jvp/vjp) instead",
     )
     sim.add_argument("--curvature", choices=["fisher", "hutchinson"], default="fisher")
+    _model_flags(sim, device=False)
     sim.add_argument(
         "--context-size",
         type=int,

@@ -5,16 +5,17 @@ predict where gradient descent with learning rate η for T steps would take θ:
 
 * **NTK-diagonal closed form** (default). One pass over the data estimates the
   mean gradient g at θ₀ and a diagonal curvature λ (the Fisher / Gauss-Newton
-  diagonal from per-example squared gradients of the loss with labels sampled
-  from the model, or a Hutchinson estimate of the Hessian diagonal). Gradient
+  diagonal from squared batch gradients of the loss with labels sampled from
+  the model, or a Hutchinson estimate of the Hessian diagonal). Gradient
   flow on the diagonal quadratic model then has the exact solution
   Δθ = −g · (1 − exp(−η λ T)) / λ, which tends to −η T g as λ → 0.
 * **Linearised training** (``exact_linear=True``). T steps of gradient descent on
   the linearised model: ``torch.func.jvp`` gives f_lin, ``torch.func.vjp`` at θ₀
   gives the gradient, so the Jacobian stays fixed at θ₀.
 
-The synthetic checkpoint is written as ``{step, state_dict}`` and diffed with
-``sae_diff``.
+The estimate is summed into float32 buffers the size of the moved parameters
+only, a few rows at a time (`aquin_nb._curvature`). The synthetic checkpoint is
+written as ``{step, state_dict}`` and diffed with ``sae_diff``.
 
 Example:
     >>> import aquin_nb
@@ -30,7 +31,6 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._architectures import max_context, resolve_context_size
+from ._curvature import Losses, gradient_and_curvature, ntk_diagonal_delta, zeros_like_all
 from ._errors import AquinError
 from ._quiet import quiet_unless_progress
 from ._rows import batches_of, encode_rows, read_training_rows
@@ -51,9 +52,9 @@ __all__ = ["Simulation", "simulate"]
 # Rows used for the curvature estimate: it only sets where the closed form
 # saturates, and a few dozen rows estimate it well enough.
 CURVATURE_ROWS = 64
-
-
-# --------------------------------------------------------------------------- data
+# Tokens per forward-backward pass: a batch is cut into runs of rows this long
+# (one row at least), so its activations are never held for more at once.
+PIECE_TOKENS = 128
 
 
 # --------------------------------------------------------------------------- parameters
@@ -83,88 +84,6 @@ def select_params(model: torch.nn.Module, pattern: str) -> dict[str, torch.nn.Pa
     return chosen
 
 
-# --------------------------------------------------------------------------- estimators
-
-
-def ntk_diagonal_delta(
-    gradient: torch.Tensor, curvature: torch.Tensor, lr: float, steps: int
-) -> torch.Tensor:
-    """Δθ = −g (1 − exp(−η λ T)) / λ, the exact gradient flow on a diagonal quadratic.
-
-    Uses −η T g where η λ T is tiny (the λ → 0 limit, without 0/0).
-    """
-    exponent = lr * steps * curvature.clamp_min(0)
-    small = exponent < 1e-6
-    factor = torch.where(
-        small, lr * steps * (1 - exponent / 2), -torch.expm1(-exponent) / curvature.clamp_min(1e-30)
-    )
-    return -gradient * factor
-
-
-def gradient_and_curvature(
-    loss_of: Callable[[dict[str, torch.Tensor], Any], torch.Tensor],
-    params: dict[str, torch.Tensor],
-    examples: Sequence[Any],
-    *,
-    curvature: str = "fisher",
-    sampled_loss_of: Callable[[dict[str, torch.Tensor], Any], tuple] | None = None,
-    curvature_examples: int | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Mean gradient and diagonal curvature at ``params`` over ``examples`` (batches).
-
-    ``fisher``: squared gradients of ``sampled_loss_of``, a summed loss with labels
-    drawn from the model, returned with its token count. Per-token gradients with
-    sampled labels are independent with zero mean, so the square of a whole
-    batch's gradient is an unbiased estimate of the summed per-token Fisher
-    (= Gauss-Newton for cross-entropy) diagonals: one backward per batch, no
-    per-example gradients. ``hutchinson``: z ⊙ Hz with Rademacher z (exact for a
-    diagonal Hessian). Curvature uses the first ``curvature_examples`` batches.
-    """
-    from torch.func import grad, jvp
-
-    if curvature not in ("fisher", "hutchinson"):
-        raise AquinError(f"curvature must be 'fisher' or 'hutchinson', got {curvature!r}")
-    names = list(params)
-    gradient = {name: torch.zeros_like(p) for name, p in params.items()}
-    curve = {name: torch.zeros_like(p) for name, p in params.items()}
-    generator = torch.Generator().manual_seed(seed)
-    base = {name: p.detach() for name, p in params.items()}
-    limit = len(examples) if curvature_examples is None else min(curvature_examples, len(examples))
-    tokens_seen = 0
-    for index, example in enumerate(
-        tqdm(examples, desc="simulate: gradients", disable=not progress)
-    ):
-        g = grad(loss_of)(base, example)
-        for name in names:
-            gradient[name] += g[name]
-        if index >= limit:
-            continue
-        if curvature == "fisher":
-            gs, tokens = grad(sampled_loss_of or loss_of, has_aux=True)(base, example)
-            tokens_seen += int(tokens)
-            for name in names:
-                curve[name] += gs[name] ** 2
-        else:
-            z = {
-                name: (torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(
-                    device=p.device, dtype=p.dtype
-                )
-                for name, p in base.items()
-            }
-            _, hz = jvp(  # type: ignore[misc]
-                lambda p, example=example: grad(loss_of)(p, example), (base,), (z,)
-            )
-            for name in names:
-                curve[name] += z[name] * hz[name]
-    scale = max(tokens_seen, 1) if curvature == "fisher" else limit
-    return (
-        {n: v / len(examples) for n, v in gradient.items()},
-        {n: v / scale for n, v in curve.items()},
-    )
-
-
 # --------------------------------------------------------------------------- the verb
 
 
@@ -187,6 +106,7 @@ def simulate(
     prompts: Any = None,
     seed: int = 0,
     context_size: int | None = None,
+    dtype: str | torch.dtype | None = None,
     progress: bool = True,
 ) -> Simulation:
     """Forecast which SAE features a fine-tune on ``data`` would move, without training.
@@ -202,14 +122,22 @@ def simulate(
     ``output`` (default ``simulations/<name>.pt``) and is diffed on ``prompts``
     (default: the shipped probes).
 
+    The forecast runs on the CPU in ``dtype`` (float32, bfloat16 or float16;
+    default float32), with the gradient and curvature sums in float32 whatever it
+    is. The checkpoint is the float32 base plus Δθ (Δθ added to half-precision
+    weights would round away), and the diff runs in float32. Memory: the model,
+    two sums the size of the moved parameters (a third while the Fisher's first
+    64 rows are read, if a batch is more than `PIECE_TOKENS` tokens), and the
+    activations of `PIECE_TOKENS` tokens (one row at least); the diff then holds
+    the base and the checkpoint.
+
     Example:
         >>> from aquin_nb.demo.finetune import FINETUNE_DATA  # the shipped cooking set
         >>> sim = simulate("tiny-gpt2", FINETUNE_DATA, steps=50, output="sim.pt", progress=False)
         >>> sim.summary["n_examples"] > 100 and sim.diff.summary["max_abs_delta"] > 0
         True
     """
-    from torch.func import functional_call
-
+    from ._dtypes import dtype_name, resolve_dtype
     from ._io import atomic_torch_save
     from .diff import sae_diff
     from .models import hf_state_dict, load_hf_model
@@ -219,15 +147,16 @@ def simulate(
         raise AquinError(f"lr must be a finite, non-negative number, got {lr!r}")
     if steps < 1 or batch_size < 1:
         raise AquinError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    if curvature not in ("fisher", "hutchinson"):
+        raise AquinError(f"curvature must be 'fisher' or 'hutchinson', got {curvature!r}")
+    run_dtype = resolve_dtype(dtype, "cpu")
     rows = read_training_rows(data)
     started = time.perf_counter()
-    hf, tokenizer, label = load_hf_model(model)
+    hf, tokenizer, label = load_hf_model(model, dtype=run_dtype)
     sae_obj = load_sae(sae if sae is not None else str(model), layer)
     sae_layer = sae_numerics(sae_obj, layer).layer
     pattern = params or default_param_filter(hf, sae_layer)
     chosen = select_params(hf, pattern)
-    for parameter in hf.parameters():
-        parameter.requires_grad_(False)
     window = resolve_context_size(
         context_size, sae_context=None, model_max=max_context(hf), label=label
     )
@@ -235,59 +164,26 @@ def simulate(
     if all(all(label == -100 for label in labels) for _, labels in encoded):
         raise AquinError("no row has a token to train on (responses are empty after tokenizing)")
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    frozen = {n: p.detach() for n, p in hf.named_parameters() if n not in chosen}
-    hf.eval()
-
-    def logits_of(theta: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
-        return functional_call(hf, {**frozen, **theta}, (input_ids,)).logits
-
-    def loss_of(theta: dict[str, torch.Tensor], batch: tuple) -> torch.Tensor:
-        input_ids, labels = batch
-        return _shifted_ce(logits_of(theta, input_ids), labels)
-
-    generator = torch.Generator().manual_seed(seed)
-
-    def sampled_loss_of(theta: dict[str, torch.Tensor], batch: tuple) -> tuple:
-        """Summed loss with labels drawn from the model, and the token count."""
-        input_ids, labels = batch
-        logits = logits_of(theta, input_ids)
-        with torch.no_grad():
-            probs = torch.softmax(logits[:, :-1].float(), -1)
-            drawn = torch.multinomial(
-                probs.reshape(-1, probs.shape[-1]), 1, generator=generator
-            ).view(probs.shape[:-1])
-            sampled = labels.clone()
-            sampled[:, 1:] = torch.where(labels[:, 1:] == -100, labels[:, 1:], drawn)
-        tokens = (sampled[:, 1:] != -100).sum()
-        return _shifted_ce(logits, sampled, reduction="sum"), tokens
-
-    theta0 = {n: p.detach().clone() for n, p in chosen.items()}
     if exact_linear:
         delta = _linearised_training(
-            logits_of, theta0, encoded, lr, steps, batch_size, pad, seed, progress
+            hf, chosen, encoded, lr, steps, batch_size, pad, seed, progress
         )
-        method = "exact-linear"
     else:
-        batches = list(batches_of(encoded, batch_size, pad))
-        gradient, curve = gradient_and_curvature(
-            loss_of,
-            theta0,
-            batches,
-            curvature=curvature,
-            sampled_loss_of=sampled_loss_of,
-            curvature_examples=max(1, CURVATURE_ROWS // batch_size),
-            seed=seed,
-            progress=progress,
+        delta = _ntk_diagonal_forecast(
+            hf, chosen, encoded, lr, steps, batch_size, pad, curvature, seed, progress
         )
-        delta = {n: ntk_diagonal_delta(gradient[n], curve[n], lr, steps) for n in theta0}
-        method = "ntk-diagonal"
-    with torch.no_grad():
-        for n, parameter in chosen.items():
-            parameter.add_(delta[n])
+    if run_dtype != torch.float32:
+        del chosen, hf  # before the float32 copy is loaded
+        hf = load_hf_model(model)[0]
+        chosen = select_params(hf, pattern)
+    _add_to(chosen, delta)
     name = name or f"sim-{Path(str(data)).stem if isinstance(data, (str, Path)) else 'data'}"
     path = Path(output) if output is not None else Path("simulations") / f"{name}.pt"
     atomic_torch_save(path, {"step": steps, "state_dict": hf_state_dict(hf)})
+    n_params = len(chosen)
     delta_norm = math.sqrt(sum(float((d.double() ** 2).sum()) for d in delta.values()))
+    del chosen, hf, delta  # sae_diff loads the base and the checkpoint itself
+    method = "exact-linear" if exact_linear else "ntk-diagonal"
     logger.info("synthetic checkpoint %s (%s, |Δθ| %.4g)", path, method, delta_norm)
     diff = sae_diff(
         model, path, prompts=prompts, layer=layer, sae=sae_obj, name=name, progress=progress
@@ -301,8 +197,9 @@ def simulate(
         "batch_size": batch_size,
         "n_examples": len(encoded),
         "params": pattern,
-        "n_params": len(chosen),
+        "n_params": n_params,
         "context_size": window,
+        "dtype": dtype_name(run_dtype),
         "delta_norm": delta_norm,
         "seconds": time.perf_counter() - started,
         "model": label,
@@ -310,20 +207,94 @@ def simulate(
     return Simulation(summary=summary, diff=diff)
 
 
-def _shifted_ce(
-    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
-) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        labels[:, 1:].reshape(-1),
-        ignore_index=-100,
-        reduction=reduction,
+def _add_to(params: dict[str, torch.nn.Parameter], delta: dict[str, torch.Tensor]) -> None:
+    # A helper, so no loop variable outlives it: one parameter left referenced keeps
+    # the whole memory-mapped weights file of its model alive through the diff.
+    with torch.no_grad():
+        for name, parameter in params.items():
+            parameter.add_(delta[name].to(parameter.dtype))
+
+
+def _ntk_diagonal_forecast(
+    model: torch.nn.Module,
+    chosen: dict[str, torch.nn.Parameter],
+    encoded: list[tuple],
+    lr: float,
+    steps: int,
+    batch_size: int,
+    pad: int,
+    curvature: str,
+    seed: int,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """Δθ of the closed form, from the gradient and curvature of the moved parameters."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def losses_of(piece: tuple, sample: bool) -> Losses:
+        return _token_losses(model, piece, sample, generator)
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    gradient, curve = gradient_and_curvature(
+        losses_of,
+        chosen,  # type: ignore[arg-type]  # Parameters are tensors
+        [_pieces(batch, PIECE_TOKENS) for batch in batches_of(encoded, batch_size, pad)],
+        curvature=curvature,
+        curvature_examples=max(1, CURVATURE_ROWS // batch_size),
+        seed=seed,
+        progress=progress,
     )
+    with torch.no_grad():
+        for n in chosen:  # Δθ in the gradient's place: no third parameter-sized tensor
+            gradient[n].copy_(ntk_diagonal_delta(gradient[n], curve[n], lr, steps))
+    return gradient
+
+
+def _pieces(batch: tuple, max_tokens: int) -> list[tuple]:
+    """``batch`` cut into runs of rows of at most ``max_tokens`` tokens (one row at
+    least), each with the batch's number of labelled tokens. The runs keep the
+    batch's width, so the labels drawn for them are those drawn for the batch."""
+    input_ids, labels = batch
+    rows = max(1, max_tokens // input_ids.shape[1])
+    labelled = int((labels[:, 1:] != -100).sum())
+    return [
+        (input_ids[start : start + rows], labels[start : start + rows], labelled)
+        for start in range(0, len(input_ids), rows)
+    ]
+
+
+def _token_losses(
+    model: torch.nn.Module, piece: tuple, sample: bool, generator: torch.Generator
+) -> Losses:
+    """Next-token losses on a piece's labelled tokens, from one forward pass: its share
+    of its batch's mean loss and, with ``sample``, its summed loss with labels
+    drawn from the model.
+
+    One log-softmax serves both losses and only it outlives the pass: at a large
+    vocabulary the vocabulary-sized tensors are much of what a piece costs.
+    """
+    input_ids, labels, labelled = piece
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    del logits
+    log_probs = torch.log_softmax(shifted, -1)
+    targets = labels[:, 1:].reshape(-1)
+    total = torch.nn.functional.nll_loss(log_probs, targets, ignore_index=-100, reduction="sum")
+    if not sample:
+        return Losses(total / labelled)
+    with torch.no_grad():
+        drawn = torch.multinomial(torch.softmax(shifted, -1), 1, generator=generator)
+    del shifted
+    sampled_targets = torch.where(targets == -100, targets, drawn.view(-1))
+    sampled = torch.nn.functional.nll_loss(
+        log_probs, sampled_targets, ignore_index=-100, reduction="sum"
+    )
+    return Losses(total / labelled, sampled, int((targets != -100).sum()))
 
 
 def _linearised_training(
-    logits_of: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
-    theta0: dict[str, torch.Tensor],
+    model: torch.nn.Module,
+    chosen: dict[str, torch.nn.Parameter],
     encoded: list[tuple],
     lr: float,
     steps: int,
@@ -332,10 +303,22 @@ def _linearised_training(
     seed: int,
     progress: bool,
 ) -> dict[str, torch.Tensor]:
-    """T steps of GD on f_lin(θ) = f(θ₀) + J(θ − θ₀); the Jacobian stays at θ₀."""
-    from torch.func import jvp, vjp
+    """T steps of GD on f_lin(θ) = f(θ₀) + J(θ − θ₀); the Jacobian stays at θ₀.
 
-    delta = {n: torch.zeros_like(p) for n, p in theta0.items()}
+    Δθ accumulates in float32 for a half-precision model; the tangent the
+    Jacobian is applied to is Δθ in the model's dtype.
+    """
+    from torch.func import functional_call, jvp, vjp
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    theta0 = {n: p.detach() for n, p in chosen.items()}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
+
+    def logits_of(theta: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, {**frozen, **theta}, (input_ids,)).logits
+
+    delta = zeros_like_all(theta0)
     generator = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), desc="simulate: linearised GD", disable=not progress):
         picks = torch.randint(len(encoded), (batch_size,), generator=generator).tolist()
@@ -344,12 +327,21 @@ def _linearised_training(
         def f(theta: dict[str, torch.Tensor], ids: torch.Tensor = input_ids) -> torch.Tensor:
             return logits_of(theta, ids)
 
-        base_logits, tangent = jvp(f, (theta0,), (delta,))  # type: ignore[misc]
+        tangent_in = {n: d.to(theta0[n].dtype) for n, d in delta.items()}
+        base_logits, tangent = jvp(f, (theta0,), (tangent_in,))  # type: ignore[misc]
         linear_logits = (base_logits + tangent).detach().requires_grad_(True)
         loss = _shifted_ce(linear_logits, labels)
         (cotangent,) = torch.autograd.grad(loss, linear_logits)
         _, pullback = vjp(f, theta0)  # type: ignore[misc]
         (gradient,) = pullback(cotangent)
         for n in delta:
-            delta[n] = delta[n] - lr * gradient[n]
+            delta[n] -= lr * gradient[n].to(delta[n].dtype)
     return delta
+
+
+def _shifted_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+    )
