@@ -27,6 +27,9 @@ subtracting each activation's mean over ``d_model``, which is what
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -54,15 +57,46 @@ class AdapterSwitch:
         tuner = self.peft_model.base_model
         if side == "base":
             if self.merged:
-                tuner.unmerge_adapter()
+                for layer in self.fused_layers:
+                    layer.unmerge()
                 self.merged = False
             tuner.disable_adapter_layers()
         else:
             tuner.enable_adapter_layers()
-            tuner.merge_adapter()
+            for layer in self.fused_layers:
+                layer.merge()
             self.merged = True
-        _refresh_split_weights(self.bridge)
+        if self.fused_layers:
+            _refresh_split_weights(self.bridge)
         self.side = side
+
+    @functools.cached_property
+    def fused_layers(self) -> list[Any]:
+        """The LoRA layers the bridge never calls, found by a one-token dry run: merged.
+
+        The bridge splits fused qkv weights (GPT-2's ``c_attn``, GPT-NeoX's
+        ``query_key_value``) and computes some layers from their weights, so a
+        LoRA branch there would be skipped. Every other LoRA layer runs as PEFT
+        runs it, a low-rank branch beside the base weight, so switching writes
+        only the weights the bridge reads directly, not the whole model.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        modules: list[torch.nn.Module] = list(self.peft_model.modules())
+        layers = [m for m in modules if isinstance(m, LoraLayer)]
+        called: set[int] = set()
+        handles = [
+            layer.register_forward_hook(lambda module, *_: called.add(id(module)))
+            for layer in layers
+        ]
+        try:
+            device = next(self.peft_model.parameters()).device
+            with torch.no_grad():
+                self.bridge(torch.zeros((1, 1), dtype=torch.long, device=device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [layer for layer in layers if id(layer) not in called]
 
 
 @torch.no_grad()
@@ -70,11 +104,13 @@ def _refresh_split_weights(bridge: Any) -> None:
     """Copy fused weights the bridge split at boot (GPT-NeoX's interleaved
     ``query_key_value`` becomes three copies) from the fused module again; splits
     that are views of the fused weight (GPT-2's ``c_attn``) already see the change."""
-    for module in bridge.modules():
-        split = getattr(module, "split_qkv_matrix", None)
-        if split is None or getattr(module, "original_component", None) is None:
-            continue
-        fresh = split(module.original_component)
+    splits = getattr(bridge, "aquin_copied_splits", None)
+    if splits is None:  # first switch: find the splits that are copies, once
+        splits = [module for module in bridge.modules() if _split_is_copied(module)]
+        bridge.aquin_copied_splits = splits
+    for module in splits:
+        with _no_linear_init():  # the split builds fresh Linears only to copy from
+            fresh = module.split_qkv_matrix(module.original_component)
         for part, new in zip((module.q, module.k, module.v), fresh, strict=True):
             old = part.original_component
             for name in ("weight", "bias"):
@@ -83,6 +119,36 @@ def _refresh_split_weights(bridge: Any) -> None:
                     continue
                 if target.data_ptr() != source.data_ptr():
                     target.copy_(source)
+
+
+@contextlib.contextmanager
+def _no_linear_init() -> Iterator[None]:
+    reset = torch.nn.Linear.reset_parameters
+    torch.nn.Linear.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Linear.reset_parameters = reset  # type: ignore[method-assign]
+
+
+def _split_is_copied(module: Any) -> bool:
+    """Whether a fused-qkv bridge component holds copies of the fused weight (GPT-NeoX)
+    rather than views of it (GPT-2), which need no refresh."""
+    split = getattr(module, "split_qkv_matrix", None)
+    fused = getattr(module, "original_component", None)
+    if split is None or fused is None:
+        return False
+    storages = {
+        tensor.untyped_storage().data_ptr()
+        for tensor in (getattr(fused, "weight", None), getattr(fused, "bias", None))
+        if tensor is not None
+    }
+    for part in (module.q, module.k, module.v):
+        for name in ("weight", "bias"):
+            tensor = getattr(part.original_component, name, None)
+            if tensor is not None and tensor.untyped_storage().data_ptr() not in storages:
+                return True
+    return False
 
 
 def can_switch(peft_model: Any) -> str | None:

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -250,14 +251,66 @@ def hf_state_dict(model: Any) -> dict[str, torch.Tensor]:
                 "this bridge's weights were processed for compatibility mode (folded layer "
                 "norms, centred writing weights); checkpoint the Hugging Face model instead"
             )
-        original = model.original_model
-        with torch.device("meta"):
-            reference = type(original)(original.config)
-        names = set(reference.state_dict())
-        state = {
-            key.replace("._original_component", ""): value
-            for key, value in original.state_dict().items()
-        }
-        return {key: value for key, value in state.items() if key in names}
+        return bridge_tensors(model.original_model)
     state = model.state_dict()
     return {key.removeprefix("_orig_mod."): value for key, value in state.items()}
+
+
+def bridge_tensors(original: Any) -> dict[str, torch.Tensor]:
+    """The plain Hugging Face state dict of a bridge's ``original_model``, detached.
+
+    The names a plain model of this class and config has: ``._original_component``
+    segments and the bridge's aliases dropped, tied weights under both names. A
+    bridge's ``state_dict()`` walks every wrapper module, so the path of each name
+    is found once per model and the tensors are read from their modules after.
+    """
+    paths = bridge_tensor_paths(original)
+    try:
+        return {name: _tensor_at(original, path) for name, path in paths.items()}
+    except AttributeError:  # the module tree changed since: find the paths again
+        paths = bridge_tensor_paths(original, fresh=True)
+        return {name: _tensor_at(original, path) for name, path in paths.items()}
+
+
+def bridge_tensor_paths(original: Any, *, fresh: bool = False) -> dict[str, str]:
+    """Plain Hugging Face name -> the tensor's path in a bridge's ``original_model``.
+
+    Paths go through ``._original_component`` segments and, with a PEFT adapter
+    injected, through the LoRA layer's ``.base_layer``; found once per model.
+    """
+    paths = None if fresh else _TENSOR_PATHS.get(original)
+    if paths is None:
+        names = _plain_names(original)
+        paths = {}
+        for key in original.state_dict(keep_vars=True):
+            plain = key.replace("._original_component", "").replace(".base_layer.", ".")
+            if plain in names and plain not in paths:
+                paths[plain] = key
+        _TENSOR_PATHS[original] = paths
+    return paths
+
+
+def _tensor_at(root: Any, path: str) -> torch.Tensor:
+    module_path, _, attribute = path.rpartition(".")
+    value = getattr(root.get_submodule(module_path), attribute)
+    if not isinstance(value, torch.Tensor):
+        raise AttributeError(f"{path} is no longer a tensor")
+    return value.detach()
+
+
+_TENSOR_PATHS: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
+_PLAIN_NAMES: dict[tuple[type, str], frozenset[str]] = {}
+
+
+def _plain_names(original: Any) -> frozenset[str]:
+    """The state-dict names a plain model of ``original``'s class and config has.
+
+    Built once per (class, config) on the meta device: building it costs more
+    than reading the names, and `model_diff` asks on every call.
+    """
+    key = (type(original), original.config.to_json_string())
+    if key not in _PLAIN_NAMES:
+        with torch.device("meta"):
+            reference = type(original)(original.config)
+        _PLAIN_NAMES[key] = frozenset(reference.state_dict())
+    return _PLAIN_NAMES[key]

@@ -1,6 +1,10 @@
 """model_diff against two plain forward passes, and what the fast fit adds to sae_diff.
 
     python benchmarks/model_diff.py [--repeats 5]
+    python benchmarks/model_diff.py --model DIR --checkpoint FILE [--prompts FILE]
+
+With ``--model`` (a local model directory, e.g. one `benchmarks/real_size.py`
+built) only the model_diff ratio is measured, on that model and checkpoint.
 
 * model_diff / floor: ``aquin_nb.model_diff`` on loaded models against two plain
   full forward passes (base and checkpoint, the same batches, logits only).
@@ -38,20 +42,31 @@ def _median_times(fns: dict, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", help="a local model directory instead of tiny-gpt2")
+    parser.add_argument("--checkpoint", help="with --model: the checkpoint to diff")
+    parser.add_argument("--prompts", help="a prompts file instead of the shipped probes")
     args = parser.parse_args()
+    if bool(args.model) != bool(args.checkpoint):
+        parser.error("--model and --checkpoint go together")
 
     import aquin_nb
     from aquin_nb._activations import token_batches, tokenize_prompts
+    from aquin_nb._checkpoints import is_peft_adapter
+    from aquin_nb._diff_core import load_pair
     from aquin_nb.demo.finetune import finetune_lora
     from aquin_nb.probes import load_prompts
 
-    tmp = Path(tempfile.mkdtemp(prefix="aquin-bench-"))
-    checkpoint = finetune_lora("tiny-gpt2", run_dir=tmp / "run", steps=40, progress=False)
     torch.set_grad_enabled(False)
-    base = aquin_nb.load_model("tiny-gpt2")
-    ckpt = aquin_nb.load_model("tiny-gpt2", checkpoint)
+    if args.model:
+        model, checkpoint = args.model, args.checkpoint
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="aquin-bench-"))
+        model = "tiny-gpt2"
+        checkpoint = finetune_lora(model, run_dir=tmp / "run", steps=40, progress=False)
+    base = aquin_nb.load_model(model)
+    ckpt = aquin_nb.load_model(model, checkpoint)
     token_lists = tokenize_prompts(
-        base.tokenizer, load_prompts(None), prepend_bos=True, max_length=1024
+        base.tokenizer, load_prompts(args.prompts), prepend_bos=True, max_length=1024
     )
 
     def floor() -> None:
@@ -59,10 +74,23 @@ def main() -> None:
             base(batch.tokens, return_type="logits")
             ckpt(batch.tokens, return_type="logits")
 
+    diffed = (base, ckpt)
+    if args.model and is_peft_adapter(Path(checkpoint)):
+        # as model_diff loads an adapter from paths: one model, the adapter switched
+        pair = load_pair(model, checkpoint, None, switch_adapter=True)
+        diffed = (pair.base, pair.checkpoint)
+
     def ours() -> None:
-        aquin_nb.model_diff(base, ckpt, progress=False)
+        aquin_nb.model_diff(*diffed, args.prompts, progress=False)
 
     md = _median_times({"model_diff": ours, "floor": floor}, args.repeats)
+    print(f"torch threads: {torch.get_num_threads()}, repeats: {args.repeats} (medians)")
+    print(
+        f"model_diff {md['model_diff'] * 1000:.1f} ms, two plain forwards "
+        f"{md['floor'] * 1000:.1f} ms: ratio {md['model_diff'] / md['floor']:.2f} (target <= 1.2)"
+    )
+    if args.model:
+        return
 
     fresh_base = aquin_nb.load_model("tiny-gpt2")
     fresh_ckpt = aquin_nb.load_model("tiny-gpt2", checkpoint)
@@ -79,11 +107,6 @@ def main() -> None:
             "fast": lambda: aquin_nb.sae_diff("tiny-gpt2", checkpoint, fit="fast", progress=False),
         },
         args.repeats,
-    )
-    print(f"torch threads: {torch.get_num_threads()}, repeats: {args.repeats} (medians)")
-    print(
-        f"model_diff {md['model_diff'] * 1000:.1f} ms, two plain forwards "
-        f"{md['floor'] * 1000:.1f} ms: ratio {md['model_diff'] / md['floor']:.2f} (target <= 1.2)"
     )
     for label, t in (("models loaded", loaded), ("end to end (as the demo)", end_to_end)):
         print(

@@ -432,6 +432,26 @@ def test_an_adapter_is_diffed_on_one_model_switched_off_and_on(zoo, tmp_path):
     assert not torch.allclose(residual(checkpoint, tokens, HOOK), before, atol=1e-3)
 
 
+def test_model_diff_reads_an_adapter_as_b_a_on_one_model(zoo, tmp_path):
+    """On every architecture, an adapter directory's weight diff (from its factors, the
+    adapter switched on one model) equals its merged checkpoint's, as do KL and drift."""
+    adapter = _random_adapter(zoo, tmp_path / "adapter", seed=9)
+    switched = model_diff(zoo.model_dir, adapter, progress=False)
+    merged = model_diff(
+        zoo.model_dir, _merged_pt(zoo, adapter, tmp_path / "merged.pt"), progress=False
+    )
+    left, right = switched.changed_modules(), merged.changed_modules()
+    assert left["module"].tolist() == right["module"].tolist() and len(left)
+    for column in ("abs_change", "rel_change", "stable_rank"):
+        assert left[column].to_numpy(dtype=float) == pytest.approx(
+            right[column].to_numpy(dtype=float), rel=1e-3
+        ), column
+    assert switched.summary["mean_kl"] == pytest.approx(merged.summary["mean_kl"], rel=1e-3)
+    assert switched.layers["rel_drift"].to_numpy() == pytest.approx(
+        merged.layers["rel_drift"].to_numpy(), rel=1e-3, abs=1e-6
+    )
+
+
 def test_an_adapter_that_trains_biases_falls_back_to_a_merged_copy(zoo, tmp_path, caplog):
     """Switching off a LoRA with bias="all" would keep its bias changes: it is merged
     into a second copy instead, and still gives the merged checkpoint's diff."""

@@ -136,3 +136,60 @@ def test_an_adapter_of_another_base_is_refused(tmp_path, base_bridge):
     adapter.save_pretrained(tmp_path / "adapter")
     with pytest.raises(AquinError, match=r"has shape \(2, 64\) in PEFT adapter"):
         model_diff(base_bridge, tmp_path / "adapter", progress=False)
+
+
+def test_an_adapter_directory_is_read_as_b_a_on_one_model(tiny_hf, tmp_path):
+    """A PEFT adapter diffed from its directory (one model, the adapter switched, ΔW from
+    the factors) gives what its merged copy gives: same tensors, norms, ranks, KL, drift."""
+    from peft import LoraConfig, get_peft_model
+
+    from aquin_nb._switch import SwitchedBridge
+
+    model = copy.deepcopy(tiny_hf[0])
+    torch.manual_seed(1)
+    config = LoraConfig(
+        r=3, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+        init_lora_weights=False, lora_alpha=6,
+    )  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    merged_pt = tmp_path / "merged.pt"
+    torch.save(merged.state_dict(), merged_pt)
+
+    from aquin_nb._diff_core import load_pair
+
+    pair = load_pair("tiny-gpt2", adapter_dir, None, switch_adapter=True)
+    assert isinstance(pair.base, SwitchedBridge)  # one model, the adapter switched
+    switched = model_diff(pair.base, pair.checkpoint, progress=False)
+    reference = model_diff("tiny-gpt2", merged_pt, progress=False)
+    assert (
+        switched.changed_modules()["module"].tolist()
+        == reference.changed_modules()["module"].tolist()
+    )
+    for column, tolerance in (("abs_change", 1e-4), ("rel_change", 1e-4), ("stable_rank", 1e-3)):
+        left = switched.changed_modules()[column].to_numpy(dtype=float)
+        right = reference.changed_modules()[column].to_numpy(dtype=float)
+        assert left == pytest.approx(right, rel=tolerance), column
+    assert switched.layers["rel_drift"].to_numpy() == pytest.approx(
+        reference.layers["rel_drift"].to_numpy(), rel=1e-3, abs=1e-6
+    )
+    assert switched.summary["mean_kl"] == pytest.approx(reference.summary["mean_kl"], rel=1e-3)
+    from_paths = model_diff("tiny-gpt2", adapter_dir, progress=False)
+    assert from_paths.summary["mean_kl"] == pytest.approx(switched.summary["mean_kl"], rel=1e-6)
+
+
+def test_singular_values_from_lora_factors_match_the_dense_update():
+    """Several active adapters on one layer: ΔW = Σ s·B_i·A_i, read from the stacked factors."""
+    from aquin_nb.modeldiff import _factor_singular_values
+
+    generator = torch.Generator().manual_seed(3)
+    factors = [
+        (torch.randn(40, rank, generator=generator, dtype=torch.float64) * scale,
+         torch.randn(rank, 24, generator=generator, dtype=torch.float64))
+        for rank, scale in ((3, 2.0), (2, 0.5))
+    ]  # fmt: skip
+    dense = sum(b @ a for b, a in factors)
+    expected = torch.linalg.svdvals(dense)[:5]
+    assert torch.allclose(_factor_singular_values(factors), expected, rtol=1e-10, atol=1e-12)
