@@ -87,11 +87,13 @@ def attribute(per_prompt: np.ndarray, decoder: Any, max_atoms: int = MAX_ATOMS) 
     per_prompt_coefficients, *_ = np.linalg.lstsq(basis, per_prompt.T, rcond=None)
     shift[order] = per_prompt_coefficients.mean(1)
     spread = per_prompt_coefficients.std(1)
-    for index, feature in enumerate(order):
-        if spread[index] == 0.0:  # identical in every prompt: no doubt, unless it is zero
-            p_value[feature] = 0.0 if shift[feature] != 0.0 else 1.0
-        else:
-            p_value[feature] = float(ttest_1samp(per_prompt_coefficients[index], 0.0).pvalue)
+    varies = spread != 0.0
+    chosen = np.asarray(order)
+    if varies.any():  # one vectorised test for every chosen feature that varies
+        tested = ttest_1samp(per_prompt_coefficients[varies], 0.0, axis=1).pvalue
+        p_value[chosen[varies]] = tested
+    # identical in every prompt: no doubt, unless it is zero
+    p_value[chosen[~varies]] = np.where(shift[chosen[~varies]] != 0.0, 0.0, 1.0)
     residual = mean_shift - basis @ shift[order]
     explained = 1 - float(residual @ residual) / total
     return Attribution(shift, p_value, [int(f) for f in order], explained, mean_shift)

@@ -56,13 +56,13 @@ def main() -> None:
     from aquin_nb.demo.finetune import finetune_lora
     from aquin_nb.probes import load_prompts
 
-    torch.set_grad_enabled(False)
     if args.model:
         model, checkpoint = args.model, args.checkpoint
     else:
         tmp = Path(tempfile.mkdtemp(prefix="aquin-bench-"))
         model = "tiny-gpt2"
         checkpoint = finetune_lora(model, run_dir=tmp / "run", steps=40, progress=False)
+    torch.set_grad_enabled(False)
     base = aquin_nb.load_model(model)
     ckpt = aquin_nb.load_model(model, checkpoint)
     token_lists = tokenize_prompts(
