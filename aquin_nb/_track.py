@@ -168,22 +168,24 @@ def _nan_for_none(value: Any) -> float:
 
 
 def _first_changed(features: pd.DataFrame, frame: pd.DataFrame, step: int) -> pd.DataFrame:
-    changed = np.sort(frame.loc[frame["changed"], "feature"].to_numpy())
-    table = features.set_index("feature")
-    seen = table.index.intersection(changed)
-    table.loc[seen, "first_changed_step"] = np.minimum(table.loc[seen, "first_changed_step"], step)
-    table.loc[seen, "last_changed_step"] = np.maximum(table.loc[seen, "last_changed_step"], step)
-    table.loc[seen, "n_steps_changed"] += 1
-    new = np.setdiff1d(changed, table.index.to_numpy())
-    added = pd.DataFrame(
-        {
-            "first_changed_step": step,
-            "last_changed_step": step,
-            "n_steps_changed": 1,
-        },
-        index=pd.Index(new, name="feature"),
+    changed = np.sort(frame.loc[frame["changed"], "feature"].to_numpy(dtype=np.int64))
+    feature = features["feature"].to_numpy(dtype=np.int64)
+    first = features["first_changed_step"].to_numpy(dtype=np.int64).copy()
+    last = features["last_changed_step"].to_numpy(dtype=np.int64).copy()
+    count = features["n_steps_changed"].to_numpy(dtype=np.int64).copy()
+    seen = np.isin(feature, changed)
+    first[seen] = np.minimum(first[seen], step)
+    last[seen] = np.maximum(last[seen], step)
+    count[seen] += 1
+    new = np.setdiff1d(changed, feature)
+    columns = {
+        "feature": np.concatenate([feature, new]),
+        "first_changed_step": np.concatenate([first, np.full(len(new), step)]),
+        "last_changed_step": np.concatenate([last, np.full(len(new), step)]),
+        "n_steps_changed": np.concatenate([count, np.ones(len(new), dtype=np.int64)]),
+    }
+    order = np.lexsort((columns["feature"], columns["first_changed_step"]))
+    table = pd.DataFrame(
+        {name: columns[name][order].astype(np.int64) for name in FIRST_CHANGED_COLUMNS}
     )
-    table = pd.concat([table, added]) if len(table) else added
-    table = table.reset_index()[list(FIRST_CHANGED_COLUMNS)]
-    table = table.sort_values(["first_changed_step", "feature"], kind="stable")
-    return typed_trajectory_frame("features", table.reset_index(drop=True))
+    return table
