@@ -120,9 +120,20 @@ class Dashboards(Result):
         """The offline label: peak tokens of the top contexts, then logit-lens tokens."""
         from ..labels import offline_label
 
-        side = self._side(self._arrays(), "base", int(index))
-        peaks = [c["tokens"][c["peak"]] for c in side["contexts"] if c["peak"] < len(c["tokens"])]
-        return offline_label(peaks, [item["token"] for item in side["promoted"]])
+        arrays = self._arrays()
+        index = int(index)
+        before = int(arrays["window_before"][0])
+        vocab = _vocabulary(arrays)
+        peaks = []  # each top context's peak token: the first real one from `before` on
+        for tokens, value in zip(
+            arrays["base_tokens"][index], arrays["base_values"][index], strict=True
+        ):
+            if value > 0:  # fewer than k firings in the whole corpus leave empty slots
+                after = tokens[before:]
+                real = after[after >= 0]
+                if len(real):
+                    peaks.append(vocab[real[0]])
+        return offline_label(peaks, [vocab[t] for t in arrays["base_lens_top"][index]])
 
     def __repr__(self) -> str:
         s = self.summary
