@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -79,51 +80,78 @@ class TopContexts:
         self.values = torch.full((d_sae, k), float("-inf"))
         self.tokens = torch.full((d_sae, k, width), -1, dtype=torch.int32)
         self.acts = torch.zeros((d_sae, k, width), dtype=torch.float32)
-        self.fires = torch.zeros(d_sae, dtype=torch.float64)
+        self.fires = torch.zeros(d_sae, dtype=torch.int64)
         self.histogram = torch.zeros(d_sae * (len(HISTOGRAM_EDGES) - 1), dtype=torch.int64)
+        self._edges = torch.from_numpy(HISTOGRAM_EDGES)  # float64, as numpy's searchsorted
         self.n_tokens = 0
 
     def update(self, features: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> None:
-        """``features`` ``[batch, pos, d_sae]``, the batch's ``tokens`` and its stats ``mask``."""
+        """``features`` ``[batch, pos, d_sae]``, the batch's ``tokens`` and its stats ``mask``.
+
+        Works on the firings only (an SAE fires on a few percent of its features a
+        token): the batch's top ``k`` of each feature come from one sort of the
+        fired values, and only those get a window of context. ``features`` is
+        zeroed in place at the positions ``mask`` leaves out.
+        """
         batch, positions, d_sae = features.shape
-        features = features.float().cpu().masked_fill(~mask.cpu()[..., None], 0.0)
-        flat = features.reshape(batch * positions, d_sae)
-        fired = flat > 0
-        self.fires += fired.sum(0).double()
+        features, mask, tokens = features.float().cpu(), mask.cpu(), tokens.cpu()
+        features = features.contiguous()
+        features[~mask] = 0.0  # BOS and padding: a few rows, zeroed in place
         self.n_tokens += int(mask.sum())
-        rows, columns = fired.nonzero(as_tuple=True)
-        if len(rows):
-            bins = np.clip(
-                np.searchsorted(HISTOGRAM_EDGES, flat[rows, columns].numpy()) - 1,
-                0,
-                len(HISTOGRAM_EDGES) - 2,
-            )
-            self.histogram += torch.bincount(
-                columns * (len(HISTOGRAM_EDGES) - 1) + torch.from_numpy(bins),
-                minlength=len(self.histogram),
-            )
-        k = min(self.values.shape[1], len(flat))
-        best = flat.topk(k, dim=0)  # [k, d_sae]
-        values, where = best.values.T, best.indices.T  # [d_sae, k]
-        row, position = where // positions, where % positions
+        where = (features.reshape(-1) > 0).nonzero()[:, 0]  # flat (row, position, feature)
+        if not len(where):
+            return
+        values = features.reshape(-1)[where]
+        feature = where % d_sae
+        self.fires += torch.bincount(feature, minlength=d_sae)
+        bins = (
+            torch.bucketize(values.double(), self._edges)
+            .sub_(1)
+            .clamp_(0, len(HISTOGRAM_EDGES) - 2)
+        )
+        self.histogram += torch.bincount(
+            feature * (len(HISTOGRAM_EDGES) - 1) + bins, minlength=len(self.histogram)
+        )
+        # only a firing above its feature's k-th best so far can enter the top k
+        candidate = (values > self.values[:, -1][feature]).nonzero()[:, 0]
+        if not len(candidate):
+            return
+        where, values, feature = where[candidate], values[candidate], feature[candidate]
+        # group by feature, strongest first, with one sort of an integer key: a positive
+        # float32's bits order as its value does
+        strength = (2**31 - 1) - values.view(torch.int32).long()
+        order = (feature * 2**31 + strength).argsort()
+        feature = feature[order]
+        starts = torch.zeros(d_sae + 1, dtype=torch.long)
+        starts[1:] = torch.bincount(feature, minlength=d_sae).cumsum(0)
+        rank = torch.arange(len(feature)) - starts[feature]
+        k = self.values.shape[1]
+        top = (rank < k).nonzero()[:, 0]
+        feature, rank, chosen = feature[top], rank[top], order[top]
+        where, values = where[chosen], values[chosen]
+        row, position = where // (positions * d_sae), (where // d_sae) % positions
         offsets = torch.arange(-BEFORE, AFTER + 1)
-        window = position[..., None] + offsets  # [d_sae, k, width]
-        inside = (window >= 0) & (window < positions)
+        window = position[:, None] + offsets  # [n_top, width]
         clamped = window.clamp(0, positions - 1)
-        padded_tokens = tokens.cpu().masked_fill(~mask.cpu(), -1)
-        window_tokens = padded_tokens[row[..., None], clamped].masked_fill(~inside, -1)
-        feature_index = torch.arange(d_sae)[:, None, None].expand_as(clamped)
-        window_acts = features[row[..., None], clamped, feature_index].masked_fill(~inside, 0.0)
-        merged = torch.cat([self.values, values], dim=1)
-        keep = merged.topk(self.values.shape[1], dim=1).indices
-        self.values = merged.gather(1, keep)
+        at = row[:, None] * positions + clamped  # flat (row, position): 1-D gathers are fast
+        inside = (window >= 0) & (window < positions) & mask.reshape(-1)[at]
+        window_tokens = tokens.reshape(-1)[at].masked_fill(~inside, -1)
+        window_acts = features.reshape(-1)[at * d_sae + feature[:, None]].masked_fill(~inside, 0.0)
+        # merge into the touched features' rows only
+        touched, slot = torch.unique(feature, return_inverse=True)
         width = offsets.numel()
-        self.tokens = torch.cat([self.tokens, window_tokens.int()], 1).gather(
-            1, keep[..., None].expand(-1, -1, width)
-        )
-        self.acts = torch.cat([self.acts, window_acts], 1).gather(
-            1, keep[..., None].expand(-1, -1, width)
-        )
+        new_values = torch.full((len(touched), k), float("-inf"))
+        new_tokens = torch.full((len(touched), k, width), -1, dtype=torch.int32)
+        new_acts = torch.zeros((len(touched), k, width), dtype=torch.float32)
+        new_values[slot, rank] = values
+        new_tokens[slot, rank] = window_tokens.int()
+        new_acts[slot, rank] = window_acts
+        merged = torch.cat([self.values[touched], new_values], dim=1)
+        keep = merged.topk(k, dim=1).indices
+        spread = keep[..., None].expand(-1, -1, width)
+        self.values[touched] = merged.gather(1, keep)
+        self.tokens[touched] = torch.cat([self.tokens[touched], new_tokens], 1).gather(1, spread)
+        self.acts[touched] = torch.cat([self.acts[touched], new_acts], 1).gather(1, spread)
 
 
 def _cache_key(*parts: Any) -> str:
@@ -175,15 +203,27 @@ def _side_pass(
     return stats
 
 
+_VOCABULARIES: weakref.WeakKeyDictionary[Any, tuple[int, dict[str, np.ndarray]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _vocabulary_arrays(tokenizer: Any) -> dict[str, np.ndarray]:
-    """Every token's text as UTF-8 bytes and offsets: stored without pickle."""
+    """Every token's text as UTF-8 bytes and offsets: stored without pickle.
+
+    Decoded once per tokenizer (and again if its vocabulary grows)."""
+    known = _VOCABULARIES.get(tokenizer)
+    if known is not None and known[0] == len(tokenizer):
+        return known[1]
     pieces = [tokenizer.decode([i]).encode("utf-8") for i in range(len(tokenizer))]
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(piece) for piece in pieces])
-    return {
+    arrays: dict[str, np.ndarray] = {
         "vocab_bytes": np.frombuffer(b"".join(pieces), dtype=np.uint8),
         "vocab_offsets": offsets,
     }
+    _VOCABULARIES[tokenizer] = (len(tokenizer), arrays)
+    return arrays
 
 
 def compute_dashboards(
@@ -239,7 +279,7 @@ def compute_dashboards(
                     f"{side}_values": stats.values.numpy(),
                     f"{side}_tokens": stats.tokens.numpy(),
                     f"{side}_acts": stats.acts.numpy(),
-                    f"{side}_density": (stats.fires / max(stats.n_tokens, 1)).numpy(),
+                    f"{side}_density": (stats.fires.double() / max(stats.n_tokens, 1)).numpy(),
                     f"{side}_histogram": stats.histogram.reshape(d_sae, -1).numpy(),
                     f"{side}_lens_top": lens.top.numpy(),
                     f"{side}_lens_bottom": lens.bottom.numpy(),
@@ -295,8 +335,9 @@ def compute_dashboards(
     }
     boards = Dashboards(summary=summary, features=features)
     explained = explanations_for(neuronpedia)
+    offline = boards.labels()
     features["label"] = pd.Series(
-        [explained.get(f) or boards.label(f) for f in range(d_sae)], dtype=object
+        [explained.get(f) or offline[f] for f in range(d_sae)], dtype=object
     )
     return boards
 

@@ -179,8 +179,7 @@ def feature_labels(
     labels = {f: explained[f] for f in features if f in explained}
     rest = [f for f in features if f not in labels]
     if dashboards is not None:
-        for feature in rest:
-            label = dashboards.label(feature)
+        for feature, label in zip(rest, dashboards.labels(rest), strict=True):
             if label:
                 labels[feature] = label
         rest = [f for f in rest if f not in labels]

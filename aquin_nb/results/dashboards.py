@@ -118,22 +118,33 @@ class Dashboards(Result):
 
     def label(self, index: int) -> str:
         """The offline label: peak tokens of the top contexts, then logit-lens tokens."""
+        return self.labels([int(index)])[0]
+
+    def labels(self, features: list[int] | None = None) -> list[str]:
+        """`label` of each of ``features`` (all by default), read from the arrays at once."""
+        import numpy as np
+
         from ..labels import offline_label
 
         arrays = self._arrays()
-        index = int(index)
+        if features is None:
+            rows = np.arange(len(arrays["base_values"]))
+        elif not len(features):
+            return []
+        else:
+            rows = np.asarray(features, dtype=np.int64)
         before = int(arrays["window_before"][0])
         vocab = _vocabulary(arrays)
-        peaks = []  # each top context's peak token: the first real one from `before` on
-        for tokens, value in zip(
-            arrays["base_tokens"][index], arrays["base_values"][index], strict=True
-        ):
-            if value > 0:  # fewer than k firings in the whole corpus leave empty slots
-                after = tokens[before:]
-                real = after[after >= 0]
-                if len(real):
-                    peaks.append(vocab[real[0]])
-        return offline_label(peaks, [vocab[t] for t in arrays["base_lens_top"][index]])
+        # a top context's peak is the token that fired, at `before` in its window;
+        # fewer than k firings in the whole corpus leave slots with no value
+        peaks = np.where(
+            arrays["base_values"][rows] > 0, arrays["base_tokens"][rows][:, :, before], -1
+        ).tolist()
+        lens = arrays["base_lens_top"][rows].tolist()
+        return [
+            offline_label([vocab[t] for t in peak if t >= 0], [vocab[t] for t in top])
+            for peak, top in zip(peaks, lens, strict=True)
+        ]
 
     def __repr__(self) -> str:
         s = self.summary

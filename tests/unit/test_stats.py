@@ -164,3 +164,57 @@ def test_stable_rank_of_noise_is_an_upper_bound_within_5_percent():
     )
     ranks = np.array(_stable_ranks(deltas))
     assert (ranks >= expected * (1 - 1e-6)).all() and (ranks <= expected * 1.05).all()
+
+
+@pytest.mark.parametrize("threshold", [1.5, 3.2])  # dense-ish, and features firing < k times
+def test_top_contexts_equal_a_brute_force_top_k_over_the_whole_corpus(threshold):
+    """Streamed over batches, the dashboards' top k per feature, their windows, densities and
+    histograms equal what sorting every real token of the corpus at once gives."""
+    from aquin_nb.dashboards import AFTER, BEFORE, HISTOGRAM_EDGES, TopContexts
+
+    generator = torch.Generator().manual_seed(int(threshold * 10))
+    d_sae, k, positions = 64, 4, 30
+    batches = []
+    for _ in range(5):
+        features = torch.relu(torch.randn(3, positions, d_sae, generator=generator) - threshold)
+        tokens = torch.randint(0, 500, (3, positions), generator=generator)
+        mask = torch.ones(3, positions, dtype=torch.bool)
+        mask[:, 0] = False  # BOS
+        mask[2, 20:] = False  # padding
+        batches.append((features, tokens, mask))
+    streamed = TopContexts(d_sae, k)
+    for features, tokens, mask in batches:
+        streamed.update(features.clone(), tokens, mask)
+
+    candidates = []  # (value, batch, row, position, feature) of every real firing
+    for index, (features, _, mask) in enumerate(batches):
+        for row, position, feature in (features > 0).nonzero().tolist():
+            if mask[row, position]:
+                value = float(features[row, position, feature])
+                candidates.append((value, index, row, position, feature))
+    n_real = sum(int(mask.sum()) for _, _, mask in batches)
+    assert int(streamed.n_tokens) == n_real
+    for feature in range(d_sae):
+        fired = sorted((c for c in candidates if c[4] == feature), reverse=True)
+        assert int(streamed.fires[feature]) == len(fired)
+        expected_counts = np.bincount(
+            np.clip(np.searchsorted(HISTOGRAM_EDGES, [c[0] for c in fired]) - 1, 0, 23),
+            minlength=24,
+        )
+        width = len(HISTOGRAM_EDGES) - 1
+        got_counts = streamed.histogram[feature * width : (feature + 1) * width].numpy()
+        np.testing.assert_array_equal(got_counts, expected_counts)
+        for slot in range(k):
+            if slot >= len(fired):
+                assert streamed.values[feature, slot] == float("-inf")
+                continue
+            value, index, row, position, _ = fired[slot]
+            assert float(streamed.values[feature, slot]) == value
+            features, tokens, mask = batches[index]
+            for offset in range(-BEFORE, AFTER + 1):
+                spot = position + offset
+                real = 0 <= spot < positions and bool(mask[row, spot])
+                got_token = int(streamed.tokens[feature, slot, offset + BEFORE])
+                got_act = float(streamed.acts[feature, slot, offset + BEFORE])
+                assert got_token == (int(tokens[row, spot]) if real else -1)
+                assert got_act == (float(features[row, spot, feature]) if real else 0.0)
