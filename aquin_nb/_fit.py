@@ -84,22 +84,24 @@ class DownstreamStats:
             ablated_part = torch.zeros_like(activations[2 * batch :])
             return torch.cat([clean_part, spliced_part, ablated_part])
 
-        logits = bridge.run_with_hooks(
-            tokens.repeat(3, 1), fwd_hooks=[(hook, splice_and_ablate)]
-        ).double()
-        clean, spliced, ablated = logits[:batch], logits[batch : 2 * batch], logits[2 * batch :]
+        logits = bridge.run_with_hooks(tokens.repeat(3, 1), fwd_hooks=[(hook, splice_and_ablate)])
         # The prediction at i is of token i + 1: count it when i is a real non-BOS
         # token and i + 1 is real.
         predicts = mask[:, :-1] & mask[:, 1:]
         targets = tokens[:, 1:]
-        reference = clean.log_softmax(-1)
-        for name, logits in (("clean", clean), ("spliced", spliced), ("ablated", ablated)):
-            log_probs = logits.log_softmax(-1)
+        # float32 per position, float64 sums: one vocabulary-sized float32 array per
+        # part at a time beside the reference (float64 arrays doubled the peak)
+        reference = logits[:batch].float().log_softmax(-1)
+        probabilities = reference.exp()
+        for index, name in enumerate(("clean", "spliced", "ablated")):
+            part = logits[index * batch : (index + 1) * batch]
+            log_probs = reference if name == "clean" else part.float().log_softmax(-1)
             ce = -log_probs[:, :-1].gather(-1, targets[..., None])[..., 0]
-            self.sums[f"ce_{name}"] += float(ce[predicts].sum())
+            self.sums[f"ce_{name}"] += float(ce[predicts].double().sum())
             if name != "clean":
-                kl = (reference.exp() * (reference - log_probs)).sum(-1)
-                self.sums[f"kl_{name}"] += float(kl[mask].sum())
+                kl = torch.linalg.vecdot(probabilities, reference - log_probs)
+                self.sums[f"kl_{name}"] += float(kl[mask].double().sum())
+            del log_probs
         self.n_predictions += int(predicts.sum())
         self.n_positions += int(mask.sum())
 
