@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 CHUNK_ROWS = 1024
+CHUNK_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -47,19 +48,22 @@ def logit_lens(bridge: Any, directions: torch.Tensor, k: int = 10) -> Lens:
         torch.zeros(1, 1, directions.shape[-1], dtype=parameter.dtype, device=parameter.device)
     )
     k = min(k, unembed.shape[0])
+    # rows per chunk: one [rows, vocab] float array of at most CHUNK_BYTES at a time
+    rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (4 * int(unembed.shape[0]))))
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in Lens.__dataclass_fields__}
-    for start in range(0, len(directions), CHUNK_ROWS):
-        chunk = directions[start : start + CHUNK_ROWS].to(parameter.device, parameter.dtype)
+    for start in range(0, len(directions), rows):
+        chunk = directions[start : start + rows].to(parameter.device, parameter.dtype)
         normed = (norm(chunk[:, None, :]) - zero)[:, 0, :]
-        logits = normed @ unembed.T  # [rows, vocab]
-        cosine = logits / (
-            unembed_norm[None, :] * normed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        )
-        for side, values in (("top", cosine), ("bottom", -cosine)):
-            best = values.topk(k, dim=-1)
+        cosine = normed @ unembed.T  # [rows, vocab]: the logits, made cosines in place
+        cosine /= unembed_norm[None, :]
+        cosine /= normed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        for side, largest in (("top", True), ("bottom", False)):
+            best = cosine.topk(k, dim=-1, largest=largest)
+            logits = torch.einsum("rd,rkd->rk", normed, unembed[best.indices])
             parts[side].append(best.indices.cpu())
-            parts[f"{side}_cosine"].append(cosine.gather(-1, best.indices).float().cpu())
-            parts[f"{side}_logit"].append(logits.gather(-1, best.indices).float().cpu())
+            parts[f"{side}_cosine"].append(best.values.float().cpu())
+            parts[f"{side}_logit"].append(logits.float().cpu())
+        del cosine
     return Lens(**{name: torch.cat(values) for name, values in parts.items()})
 
 
