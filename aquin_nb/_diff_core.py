@@ -75,16 +75,28 @@ def check_loaded_dtype(model: Any, dtype: Any, what: str) -> None:
 def load_checkpoint(
     checkpoint: Any, base: TransformerBridge, model: Any, device: str | None, dtype: Any = None
 ) -> tuple[TransformerBridge, str]:
-    """A bridge running ``checkpoint`` (a path or a loaded model) and its default label."""
-    from .models import load_model, wrap_bridge
+    """A bridge running ``checkpoint`` (a path or a loaded model) and its default label.
+
+    A checkpoint file is built around its own tensors beside the loaded base
+    (`aquin_nb.models.bridge_checkpoint_twin`): the base's weights are not read
+    from disk again, and memory is the base plus the checkpoint.
+    """
+    from ._dtypes import resolve_dtype
+    from .models import bridge_checkpoint_twin, load_model, wrap_bridge
 
     if isinstance(checkpoint, (str, Path)):
         path = Path(checkpoint).expanduser()
+        name = path.stem if path.is_file() else path.name
+        base_dtype = next(base.original_model.parameters()).dtype
+        if dtype is None or resolve_dtype(dtype, device) == base_dtype:
+            if not path.exists():
+                raise AquinError(f"checkpoint {path} does not exist")
+            twin = bridge_checkpoint_twin(base, path)
+            if twin is not None:
+                return wrap_bridge(twin, base.tokenizer, bridge_label(base), device=device), name
         source = model if isinstance(model, (str, Path)) else base.cfg.model_name
-        if dtype is None:
-            dtype = next(base.original_model.parameters()).dtype
-        bridge = load_model(source, path, device=device, dtype=dtype)
-        return bridge, path.stem if path.is_file() else path.name
+        bridge = load_model(source, path, device=device, dtype=dtype or base_dtype)
+        return bridge, name
     if is_bridge(checkpoint):
         check_loaded_dtype(checkpoint, dtype, "checkpoint")
         return checkpoint, bridge_label(checkpoint)

@@ -136,16 +136,54 @@ def checkpoint_twin(model: PreTrainedModel, checkpoint: str | Path) -> PreTraine
     path = Path(checkpoint).expanduser()
     if is_peft_adapter(path):
         return apply_checkpoint(copy.deepcopy(model), path)
-    model_name = getattr(model.config, "_name_or_path", None) or type(model).__name__
     model_state = model.state_dict()
+    twin = _build_twin(model, model_state, dict(model.named_buffers()), path)
+    if twin is None:  # a model class that cannot be built on the meta device
+        state, _ = _checked_state(model, model_state, path)
+        return _copied_twin(model, state)
+    return twin
+
+
+def bridge_checkpoint_twin(bridge: Any, checkpoint: str | Path) -> PreTrainedModel | None:
+    """`checkpoint_twin` for a base already wrapped in a ``TransformerBridge`` (the
+    trajectory's), from its plain-named tensors; ``None`` where it does not apply
+    (a PEFT adapter, processed weights, a class that cannot be built on meta), so
+    that the caller loads the checkpoint the usual way."""
+    path = Path(checkpoint).expanduser()
+    if is_peft_adapter(path) or getattr(bridge, "compatibility_mode", False):
+        return None
+    original = bridge.original_model
+    buffers = {
+        name.replace("._original_component", ""): buffer
+        for name, buffer in original.named_buffers(remove_duplicate=False)
+    }
+    return _build_twin(original, bridge_tensors(original), buffers, path)
+
+
+def _checked_state(
+    model: Any, model_state: dict[str, torch.Tensor], path: Path
+) -> tuple[dict[str, torch.Tensor], Any]:
+    model_name = getattr(model.config, "_name_or_path", None) or type(model).__name__
     state, step = read_checkpoint(path, max_bytes=checkpoint_byte_limit(model_state))
     state = normalise_keys(state, model_state, source=str(path))
     check_against_model(state, model_state, source=str(path), model_name=model_name)
+    return state, step
+
+
+def _build_twin(
+    model: Any, model_state: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], path: Path
+) -> PreTrainedModel | None:
+    """A model of ``model``'s class and config whose parameters are the checked
+    checkpoint's tensors and whose non-persistent buffers are ``buffers``' (by plain name)."""
+    import copy
+
+    model_name = getattr(model.config, "_name_or_path", None) or type(model).__name__
     try:
         with torch.device("meta"):
             twin = type(model)(model.config)
-    except Exception:  # a model class that cannot be built on the meta device
-        return _copied_twin(model, state)
+    except Exception:
+        return None
+    state, step = _checked_state(model, model_state, path)
     weights = {
         key: state.pop(key).to(tensor.dtype).contiguous()
         for key, tensor in model_state.items()
@@ -154,11 +192,10 @@ def checkpoint_twin(model: PreTrainedModel, checkpoint: str | Path) -> PreTraine
     twin.load_state_dict(weights, assign=True, strict=False)
     del weights
     twin.tie_weights()
-    twin_buffers = dict(twin.named_buffers())
-    for name, buffer in model.named_buffers():
-        if twin_buffers.get(name) is not None and twin_buffers[name].is_meta:
+    for name, buffer in twin.named_buffers():
+        if buffer.is_meta and buffers.get(name) is not None:
             owner, _, leaf = name.rpartition(".")
-            twin.get_submodule(owner).register_buffer(leaf, buffer.clone(), persistent=False)
+            twin.get_submodule(owner).register_buffer(leaf, buffers[name].clone(), persistent=False)
     if any(t.is_meta for t in (*twin.parameters(), *twin.buffers())):
         raise AquinError(f"checkpoint {path} leaves tensors of {model_name} unset")
     twin.generation_config = copy.deepcopy(model.generation_config)

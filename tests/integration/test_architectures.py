@@ -475,16 +475,34 @@ def test_an_adapter_that_trains_biases_falls_back_to_a_merged_copy(zoo, tmp_path
     )
 
 
-def test_the_checkpoint_twin_equals_the_checkpoint_loaded_into_a_copy(zoo):
+@pytest.mark.parametrize("from_bridge", [False, True], ids=["hf", "bridge"])
+def test_the_checkpoint_twin_equals_the_checkpoint_loaded_into_a_copy(zoo, from_bridge):
     """Built around the checkpoint's own tensors, it holds what `apply_checkpoint` gives a
-    copy of the base: every tensor, buffer, tie and output, with the base untouched."""
+    copy of the base: every tensor, buffer, tie and output, with the base untouched; also
+    when the base is already wrapped in a bridge (as a trajectory's is)."""
     import copy
 
-    from aquin_nb.models import checkpoint_twin
+    from aquin_nb.models import (
+        bridge_checkpoint_twin,
+        checkpoint_twin,
+        hf_state_dict,
+        wrap_bridge,
+    )
 
-    base, _, _ = load_hf_model(zoo.model_dir)
+    base, tokenizer, _ = load_hf_model(zoo.model_dir)
+    pristine = copy.deepcopy(base)
     before = {key: value.clone() for key, value in base.state_dict().items()}
-    twin = checkpoint_twin(base, zoo.planted_pt)
+    if from_bridge:
+        bridge = wrap_bridge(base, tokenizer, "base")
+        twin = bridge_checkpoint_twin(bridge, zoo.planted_pt)
+        assert twin is not None
+        wrapped = hf_state_dict(bridge)  # plain names, read through the bridge
+        assert wrapped.keys() == before.keys()
+        for key, value in wrapped.items():
+            assert torch.equal(value, before[key]), key  # the wrapped base untouched
+        base = pristine  # the wrapped model's state-dict names are the bridge's
+    else:
+        twin = checkpoint_twin(base, zoo.planted_pt)
     reference = apply_checkpoint(copy.deepcopy(base), zoo.planted_pt)
     twin_state, reference_state = twin.state_dict(), reference.state_dict()
     assert twin_state.keys() == reference_state.keys()
