@@ -15,13 +15,18 @@ for 41% by raw logit.
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 CHUNK_ROWS = 1024
 CHUNK_BYTES = 32 * 2**20
+VOCAB_CHUNK = 8192  # unembedding rows screened at a time (bfloat16 copies of them)
+SCREEN = 4  # candidates rescored in float32, per token wanted
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,12 @@ class Lens:
 
 @torch.no_grad()
 def logit_lens(bridge: Any, directions: torch.Tensor, k: int = 10) -> Lens:
-    """The lens of each row of ``directions`` ``[n, d_model]``, computed in chunks."""
+    """The lens of each row of ``directions`` ``[n, d_model]``, computed in chunks.
+
+    With a float32 unembedding on a device with fast bfloat16 products
+    (`fast_bfloat16`), tokens are screened in bfloat16 and the candidates
+    rescored in float32, with a bound that makes the result exact (`_screened`).
+    """
     hf = bridge.original_model
     parameter = next(hf.parameters())
     unembed = hf.get_output_embeddings().weight
@@ -48,23 +58,118 @@ def logit_lens(bridge: Any, directions: torch.Tensor, k: int = 10) -> Lens:
         torch.zeros(1, 1, directions.shape[-1], dtype=parameter.dtype, device=parameter.device)
     )
     k = min(k, unembed.shape[0])
+    screen = unembed.dtype == torch.float32 and fast_bfloat16(unembed.device)
     # rows per chunk: one [rows, vocab] float array of at most CHUNK_BYTES at a time
     rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (4 * int(unembed.shape[0]))))
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in Lens.__dataclass_fields__}
     for start in range(0, len(directions), rows):
         chunk = directions[start : start + rows].to(parameter.device, parameter.dtype)
         normed = (norm(chunk[:, None, :]) - zero)[:, 0, :]
-        cosine = normed @ unembed.T  # [rows, vocab]: the logits, made cosines in place
-        cosine /= unembed_norm[None, :]
-        cosine /= normed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        for side, largest in (("top", True), ("bottom", False)):
-            best = cosine.topk(k, dim=-1, largest=largest)
-            logits = torch.einsum("rd,rkd->rk", normed, unembed[best.indices])
-            parts[side].append(best.indices.cpu())
-            parts[f"{side}_cosine"].append(best.values.float().cpu())
+        if screen:
+            chosen = _screened(normed, unembed, unembed_norm, k)
+        else:
+            chosen = _exact(normed, unembed, unembed_norm, k)
+        for side, (indices, cosines) in zip(("top", "bottom"), chosen, strict=True):
+            logits = torch.einsum("rd,rkd->rk", normed, unembed[indices])
+            parts[side].append(indices.cpu())
+            parts[f"{side}_cosine"].append(cosines.float().cpu())
             parts[f"{side}_logit"].append(logits.float().cpu())
-        del cosine
     return Lens(**{name: torch.cat(values) for name, values in parts.items()})
+
+
+Chosen = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _exact(
+    normed: torch.Tensor, unembed: torch.Tensor, unembed_norm: torch.Tensor, k: int
+) -> Chosen:
+    """Top and bottom ``k`` tokens by cosine, (indices, cosines) each, from every logit."""
+    cosine = normed @ unembed.T  # [rows, vocab]: the logits, made cosines in place
+    cosine /= unembed_norm[None, :]
+    cosine /= normed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    top = cosine.topk(k, dim=-1)
+    bottom = cosine.topk(k, dim=-1, largest=False)
+    return (top.indices, top.values), (bottom.indices, bottom.values)
+
+
+def _screened(
+    normed: torch.Tensor, unembed: torch.Tensor, unembed_norm: torch.Tensor, k: int
+) -> Chosen:
+    """`_exact`'s answer, with the vocabulary screened in bfloat16.
+
+    Cosines are computed in bfloat16 (inputs and result rounded to 8 bits of
+    mantissa, products summed in float32), so each is within ε = 2⁻⁸ + 2⁻⁹ +
+    d·2⁻²³ of the float32 one (Cauchy-Schwarz bounds the sum of |u_i w_i| by
+    ‖w‖ for a unit direction u). The `SCREEN`·k best by that screen are
+    rescored in float32. A token outside them screens below the m-th
+    candidate, so is truly below that plus ε: when the k-th rescored candidate
+    beats it, the top k are exact. Rows where it does not (near-ties) are
+    computed in float32 over the whole vocabulary.
+    """
+    vocab, width = int(unembed.shape[0]), int(unembed.shape[1])
+    wanted = min(SCREEN * k, vocab)
+    epsilon = 2**-8 + 2**-9 + width * 2**-23
+    unit = normed / normed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit_b = unit.to(torch.bfloat16)
+    best: dict[bool, tuple[torch.Tensor, torch.Tensor] | None] = {True: None, False: None}
+    for start in range(0, vocab, VOCAB_CHUNK):
+        block = unembed[start : start + VOCAB_CHUNK]
+        approx = (unit_b @ block.to(torch.bfloat16).T).float()
+        approx /= unembed_norm[None, start : start + VOCAB_CHUNK]
+        for largest in (True, False):
+            found = approx.topk(min(wanted, approx.shape[1]), dim=-1, largest=largest)
+            values, indices = found.values, found.indices + start
+            held = best[largest]
+            if held is not None:
+                values = torch.cat([held[0], values], dim=1)
+                indices = torch.cat([held[1], indices], dim=1)
+                keep = values.topk(min(wanted, values.shape[1]), dim=-1, largest=largest).indices
+                values, indices = values.gather(1, keep), indices.gather(1, keep)
+            best[largest] = (values, indices)
+    chosen = []
+    redo = torch.zeros(len(normed), dtype=torch.bool, device=normed.device)
+    for largest in (True, False):
+        approx_values, candidates = best[largest]  # type: ignore[misc]
+        exact = torch.einsum("rd,rmd->rm", unit, unembed[candidates])
+        exact /= unembed_norm[candidates]
+        picked = exact.topk(k, dim=-1, largest=largest)
+        indices = candidates.gather(1, picked.indices)
+        if wanted < vocab:  # the last screened candidate bounds every other token
+            edge = approx_values[:, -1]
+            kth = picked.values[:, -1]
+            redo |= kth <= edge + epsilon if largest else kth >= edge - epsilon
+        chosen.append((indices, picked.values))
+    if bool(redo.any()):  # near-ties at the screen's edge: these rows in float32
+        (top_i, top_v), (bottom_i, bottom_v) = chosen
+        (exact_top, exact_top_v), (exact_bottom, exact_bottom_v) = _exact(
+            normed[redo], unembed, unembed_norm, k
+        )
+        top_i[redo], top_v[redo] = exact_top, exact_top_v
+        bottom_i[redo], bottom_v[redo] = exact_bottom, exact_bottom_v
+    return (chosen[0][0], chosen[0][1]), (chosen[1][0], chosen[1][1])
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 products beat float32 on ``device``: CUDA with bf16 support, or
+    a CPU with AVX512-BF16 or AMX (read from ``/proc/cpuinfo``). ``AQUIN_NB_LENS_SCREEN``
+    set to 0 or 1 decides instead."""
+    forced = os.environ.get("AQUIN_NB_LENS_SCREEN")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return _bfloat16_capable(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _bfloat16_capable(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def decode_tokens(tokenizer: Any, ids: list[int]) -> list[str]:

@@ -218,3 +218,51 @@ def test_top_contexts_equal_a_brute_force_top_k_over_the_whole_corpus(threshold)
                 got_act = float(streamed.acts[feature, slot, offset + BEFORE])
                 assert got_token == (int(tokens[row, spot]) if real else -1)
                 assert got_act == (float(features[row, spot, feature]) if real else 0.0)
+
+
+def _same_tokens(left, right, tolerance=1e-6):
+    """Equal (indices, cosines) up to the order of tokens whose cosines tie within rounding."""
+    (left_i, left_v), (right_i, right_v) = left, right
+    torch.testing.assert_close(left_v, right_v, rtol=0, atol=tolerance)
+    for row in range(len(left_i)):
+        gaps = torch.diff(left_v[row]).abs() > tolerance  # strictly ordered neighbours
+        if bool(gaps.all()):
+            assert left_i[row].tolist() == right_i[row].tolist()
+        else:
+            assert set(left_i[row].tolist()) == set(right_i[row].tolist())
+
+
+@pytest.mark.parametrize("kind", ["random", "near_ties"])
+def test_the_bfloat16_screened_lens_gives_the_float32_tokens(kind, monkeypatch):
+    """Screened in bfloat16 and rescored in float32, the lens picks the float32 top and
+    bottom tokens; near-ties at the screen's edge fall back to float32 for their rows."""
+    from aquin_nb import _lens
+
+    generator = torch.Generator().manual_seed(7)
+    vocab, width, rows, k = 20_000, 64, 40, 10
+    if kind == "random":
+        unembed = torch.randn(vocab, width, generator=generator)
+    else:  # a few distinct rows, each repeated with noise far below bfloat16's resolution
+        distinct = torch.randn(25, width, generator=generator)
+        unembed = distinct.repeat(vocab // 25, 1) * (
+            1 + 1e-5 * torch.randn(vocab, 1, generator=generator)
+        )
+    normed = torch.randn(rows, width, generator=generator)
+    norms = unembed.norm(dim=-1)
+    redone = []
+    exact = _lens._exact
+
+    def spy(subset, *args):
+        redone.append(len(subset))
+        return exact(subset, *args)
+
+    monkeypatch.setattr(_lens, "_exact", spy)
+    screened = _lens._screened(normed, unembed, norms, k)
+    monkeypatch.setattr(_lens, "_exact", exact)
+    reference = _lens._exact(normed, unembed, norms, k)
+    for side in (0, 1):
+        _same_tokens(screened[side], reference[side])
+    if kind == "near_ties":
+        assert sum(redone) == rows  # every row ties at the edge: all redone in float32
+    else:
+        assert sum(redone) < rows // 4
