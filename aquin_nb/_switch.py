@@ -75,10 +75,11 @@ class AdapterSwitch:
         """The LoRA layers the bridge never calls, found by a one-token dry run: merged.
 
         The bridge splits fused qkv weights (GPT-2's ``c_attn``, GPT-NeoX's
-        ``query_key_value``) and computes some layers from their weights, so a
-        LoRA branch there would be skipped. Every other LoRA layer runs as PEFT
-        runs it, a low-rank branch beside the base weight, so switching writes
-        only the weights the bridge reads directly, not the whole model.
+        ``query_key_value``) and never calls the fused module, so a LoRA branch
+        there would be skipped; the dry run finds every such layer, whatever the
+        architecture. Every other LoRA layer runs as PEFT runs it, a low-rank
+        branch beside the base weight, so switching writes only the weights the
+        bridge reads directly, not the whole model.
         """
         from peft.tuners.lora import LoraLayer
 
