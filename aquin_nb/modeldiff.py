@@ -62,6 +62,7 @@ PROMOTED_TOKENS = 10
 CONTEXT_BEFORE = 8
 STACK_BYTES = 256 * 2**20  # the stable ranks' batched iteration, per stack
 SUBSPACE = 16  # vectors in that iteration's block
+KL_CHUNK_BYTES = 2**20  # logits per KL chunk: a few rows, in cache
 DEFAULT_CONTEXT = 1024  # SAELens trains most public SAEs at 128-1,024 tokens
 
 
@@ -125,6 +126,26 @@ def _residuals_and_logits(bridge: Any, tokens: torch.Tensor, hooks: list[Any]):
         for handle in handles:
             handle.remove()
     return logits, captured
+
+
+def _kl_and_guesses(
+    base_logits: torch.Tensor, ckpt_logits: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KL and each model's most likely next token at the real positions, in row chunks
+    small enough to stay in cache (no copy of the batch's logits)."""
+    vocab = base_logits.shape[-1]
+    where = mask.reshape(-1).nonzero()[:, 0]
+    base_flat = base_logits.reshape(-1, vocab)
+    ckpt_flat = ckpt_logits.reshape(-1, vocab).to(base_logits.device)
+    rows = max(1, KL_CHUNK_BYTES // (4 * vocab))
+    kl, base_next, ckpt_next = [], [], []
+    for start in range(0, len(where), rows):
+        chosen = where[start : start + rows]
+        base_part, ckpt_part = base_flat[chosen], ckpt_flat[chosen]
+        kl.append(_next_token_kl(base_part, ckpt_part).cpu())
+        base_next.append(base_part.argmax(-1).cpu())
+        ckpt_next.append(ckpt_part.argmax(-1).cpu())
+    return torch.cat(kl), torch.cat(base_next), torch.cat(ckpt_next)
 
 
 def _next_token_kl(base_logits: torch.Tensor, ckpt_logits: torch.Tensor) -> torch.Tensor:
@@ -428,14 +449,11 @@ def model_diff(
             mask = batch.mask.to(base_logits.device)
             rows, positions = batch.mask.nonzero(as_tuple=True)
             prompts = batch.prompt_index[rows]
-            base_real = base_logits[mask]
-            ckpt_real = ckpt_logits.to(base_logits.device)[mask]
-            kl = _next_token_kl(base_real, ckpt_real).cpu()
+            kl, base_next, ckpt_next = _kl_and_guesses(base_logits, ckpt_logits, mask)
             kl_sums.index_add_(0, prompts, kl)
             kl_counts.index_add_(0, prompts, torch.ones_like(kl))
             kl_maxes.scatter_reduce_(0, prompts, kl, reduce="amax")
-            guesses = (base_real.argmax(-1).cpu(), ckpt_real.argmax(-1).cpu())
-            top.offer(kl, prompts, positions, *guesses)
+            top.offer(kl, prompts, positions, base_next, ckpt_next)
             n_tokens += len(kl)
             for layer, (x_base, x_ckpt) in enumerate(zip(base_acts, ckpt_acts, strict=True)):
                 x_base, x_ckpt = x_base[mask].float(), x_ckpt.to(x_base.device)[mask].float()
