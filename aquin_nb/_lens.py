@@ -55,6 +55,11 @@ def logit_lens(bridge: Any, directions: torch.Tensor, k: int = 10) -> Lens:
     hf = bridge.original_model
     parameter = next(hf.parameters())
     unembed = hf.get_output_embeddings().weight
+    tokenizer = getattr(bridge, "tokenizer", None)
+    if tokenizer is not None and len(tokenizer) < unembed.shape[0]:
+        # rows past the tokenizer's vocabulary pad the matrix to a round size
+        # (Pythia's 50,304 for 50,277 tokens, Qwen2's 151,936): not tokens, left out
+        unembed = unembed[: len(tokenizer)]
     unembed_norm = unembed.norm(dim=-1).clamp_min(1e-12)
     norm = bridge.ln_final
     zero = norm(

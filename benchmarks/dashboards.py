@@ -1,6 +1,10 @@
 """Feature dashboards against one truncated forward pass, and their memory at 4x the corpus.
 
     python benchmarks/dashboards.py [--repeats 3] [--texts 400]
+    python benchmarks/dashboards.py --model DIR --sae DIR [--texts 50]
+
+With ``--model`` and ``--sae`` (a local model and SAE, e.g. those
+`benchmarks/real_size.py` built) only the time ratio is measured, on them.
 
 * dashboards / forward: ``feature_dashboards`` of every feature of the embedded
   SAE over a slice of the shipped corpus (``--texts`` documents, no cache) against
@@ -42,7 +46,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--texts", type=int, default=400)
+    parser.add_argument("--model", help="a local model directory instead of tiny-gpt2")
+    parser.add_argument("--sae", help="with --model: its SAE directory")
     args = parser.parse_args()
+    if bool(args.model) != bool(args.sae):
+        parser.error("--model and --sae go together")
     torch.set_grad_enabled(False)
 
     import aquin_nb
@@ -52,8 +60,8 @@ def main() -> None:
     from aquin_nb.saes import sae_numerics
 
     texts = reference_corpus(args.texts)
-    base = aquin_nb.load_model("tiny-gpt2")
-    sae = aquin_nb.load_sae("tiny-gpt2")
+    base = aquin_nb.load_model(args.model or "tiny-gpt2")
+    sae = aquin_nb.load_sae(args.sae or "tiny-gpt2")
     numerics = sae_numerics(sae)
     prepare_bridge(base, numerics)
     windows = pack_windows(
@@ -77,19 +85,21 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(values) for name, values in times.items()}
+    tokens = sum(len(w) - 1 for w in windows)
+    print(f"torch threads: {torch.get_num_threads()}, repeats: {args.repeats} (medians)")
+    print(
+        f"{tokens} tokens, {sae.cfg.d_sae} features: dashboards {median['dashboards']:.2f} s, "
+        f"forward to the hook {median['forward']:.2f} s, ratio "
+        f"{median['dashboards'] / median['forward']:.2f} (target <= 1.5)"
+    )
+    if args.model:
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="aquin-bench-"))
     one, four = tmp / "one.json", tmp / "four.json"
     one.write_text(json.dumps(texts))
     four.write_text(json.dumps(reference_corpus(4 * args.texts)))
     rss_one, rss_four = _peak_rss_mb(one, tmp / "cache"), _peak_rss_mb(four, tmp / "cache")
-    tokens = sum(len(w) - 1 for w in windows)
-    print(f"torch threads: {torch.get_num_threads()}, repeats: {args.repeats} (medians)")
-    print(
-        f"{tokens} tokens, 1536 features: dashboards {median['dashboards']:.2f} s, forward to "
-        f"the hook {median['forward']:.2f} s, ratio {median['dashboards'] / median['forward']:.2f} "
-        "(target <= 1.5)"
-    )
     print(
         f"peak RSS 1x = {rss_one:.0f} MB, 4x = {rss_four:.0f} MB, ratio {rss_four / rss_one:.3f} "
         "(target <= 1.1)"

@@ -20,8 +20,11 @@ HIDDEN = 64
 HEADS = 4
 
 
-def tiny_config(model_type: str, *, n_layers: int = 2, max_positions: int = 128) -> Any:
-    """A transformers config of ``model_type``: hidden 64, 4 heads, the embedded vocabulary."""
+def tiny_config(
+    model_type: str, *, n_layers: int = 2, max_positions: int = 128, vocab: int = VOCAB
+) -> Any:
+    """A transformers config of ``model_type``: hidden 64, 4 heads, the embedded vocabulary
+    (``vocab`` above 4,096 pads the embedding matrix, as Pythia's and Qwen2's are)."""
     from transformers import (
         Gemma2Config,
         GPT2Config,
@@ -31,7 +34,7 @@ def tiny_config(model_type: str, *, n_layers: int = 2, max_positions: int = 128)
         Qwen2Config,
     )
 
-    shared = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 0}
+    shared = {"vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 0}
     llama_like = {
         "hidden_size": HIDDEN,
         "intermediate_size": 2 * HIDDEN,
@@ -70,13 +73,19 @@ def tiny_config(model_type: str, *, n_layers: int = 2, max_positions: int = 128)
 
 
 def build_tiny_model(
-    model_type: str, directory: Path, *, n_layers: int = 2, max_positions: int = 128, seed: int = 0
+    model_type: str,
+    directory: Path,
+    *,
+    n_layers: int = 2,
+    max_positions: int = 128,
+    seed: int = 0,
+    vocab: int = VOCAB,
 ) -> Path:
     """Save a random-initialised ``model_type`` model and the embedded tokenizer to ``directory``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
-    config = tiny_config(model_type, n_layers=n_layers, max_positions=max_positions)
+    config = tiny_config(model_type, n_layers=n_layers, max_positions=max_positions, vocab=vocab)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(str(directory))
     AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)).save_pretrained(str(directory))

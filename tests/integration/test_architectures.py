@@ -519,3 +519,47 @@ def test_the_checkpoint_twin_equals_the_checkpoint_loaded_into_a_copy(zoo, from_
     torch.testing.assert_close(twin(tokens).logits, reference(tokens).logits, rtol=0, atol=0)
     for key, value in base.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_a_padded_vocabulary_never_names_a_padding_row(zoo, tmp_path):
+    """Real models pad the unembedding past the tokenizer (Pythia: 50,304 rows for 50,277
+    tokens). Padding rows made to match the SAE's decoder rows exactly never come out
+    of the lens: dashboards, labels and model_diff's promoted tokens stay in the vocabulary."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aquin_nb import feature_dashboards
+    from aquin_nb.results.dashboards import _load_arrays
+    from tests.tiny_models import TOKENIZER_DIR, VOCAB, tiny_config
+
+    extra = 32
+    torch.manual_seed(0)
+    config = tiny_config(zoo.arch.model_type, vocab=VOCAB + extra)
+    hf = AutoModelForCausalLM.from_config(config)
+    decoder = aquin_nb.load_sae(zoo.sae_dir).W_dec.detach()
+    with torch.no_grad():  # the padding rows: the decoder's first rows, scaled up
+        hf.get_output_embeddings().weight[VOCAB:] = 5.0 * decoder[:extra]
+    model_dir = tmp_path / "padded"
+    hf.save_pretrained(str(model_dir))
+    AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)).save_pretrained(str(model_dir))
+
+    boards = feature_dashboards(
+        model_dir, sae=zoo.sae_dir, corpus=PROMPTS[:8], progress=False, cache=False
+    )
+    arrays = _load_arrays(boards.summary["cache"])
+    assert int(arrays["base_lens_top"].max()) < VOCAB
+    assert int(arrays["base_lens_bottom"].max()) < VOCAB
+    assert isinstance(boards.label(0), str)
+
+    state = {key: value.detach().clone() for key, value in hf.state_dict().items()}
+    moved = next(key for key in state if key.endswith("weight") and ".1." in key)
+    state[moved] += 0.1 * torch.randn(state[moved].shape)
+    checkpoint = tmp_path / "moved.pt"
+    torch.save(state, checkpoint)
+    diff = model_diff(model_dir, checkpoint, progress=False)
+    assert len(diff.promoted) and int(diff.promoted["token_id"].max()) < VOCAB
+    assert (
+        sae_diff(model_dir, checkpoint, sae=zoo.sae_dir, fit="off", progress=False)
+        .features["label"]
+        .notna()
+        .any()
+    )
