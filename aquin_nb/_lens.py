@@ -158,7 +158,7 @@ def _screened(
         )
         top_i[redo], top_v[redo] = exact_top, exact_top_v
         bottom_i[redo], bottom_v[redo] = exact_bottom, exact_bottom_v
-    return (chosen[0][0], chosen[0][1]), (chosen[1][0], chosen[1][1])
+    return chosen[0], chosen[1]
 
 
 def fast_bfloat16(device: torch.device) -> bool:
