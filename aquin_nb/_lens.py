@@ -163,9 +163,9 @@ def _screened(
 
 def fast_bfloat16(device: torch.device) -> bool:
     """Whether bfloat16 products beat float32 on ``device``: CUDA with bf16 support, or
-    a CPU with AVX512-BF16 or AMX (read from ``/proc/cpuinfo``). ``AQUIN_NB_LENS_SCREEN``
+    a CPU with AVX512-BF16 or AMX (read from ``/proc/cpuinfo``). ``AQUIN_NB_BF16``
     set to 0 or 1 decides instead."""
-    forced = os.environ.get("AQUIN_NB_LENS_SCREEN")
+    forced = os.environ.get("AQUIN_NB_BF16")
     if forced in ("0", "1"):
         return forced == "1"
     return _bfloat16_capable(device)

@@ -123,11 +123,19 @@ def test_the_sparse_decode_equals_saelens_dense_decode(architecture):
     torch.testing.assert_close(decode(sae, dense), sae.decode(dense))
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize(
     "kind", ["rank_1", "rank_4", "rank_16_plus_noise", "gaussian_square", "gaussian_wide", "row"]
 )
-def test_stable_ranks_match_the_svd(kind):
+def test_stable_ranks_match_the_svd(kind, precision, monkeypatch):
+    """Block Lanczos, in float32 or on a bfloat16 copy with a last float32 pass (the path a
+    CPU with fast bfloat16 takes on large stacks, forced here on small ones)."""
+    from aquin_nb import modeldiff
     from aquin_nb.modeldiff import _stable_ranks
+
+    if precision == "bfloat16":
+        monkeypatch.setenv("AQUIN_NB_BF16", "1")
+        monkeypatch.setattr(modeldiff, "LOW_PRECISION_ELEMENTS", 1)
 
     generator = torch.Generator().manual_seed(sum(map(ord, kind)))
 
@@ -150,12 +158,18 @@ def test_stable_ranks_match_the_svd(kind):
     np.testing.assert_allclose(_stable_ranks(deltas), expected, rtol=1e-3)
 
 
-def test_stable_rank_of_noise_is_an_upper_bound_within_5_percent():
-    """No dominant direction: the iteration stops at its cap (documented: 3% high)."""
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_stable_rank_of_noise_is_an_upper_bound_within_1_percent(precision, monkeypatch):
+    """No dominant direction: Lanczos stops at its cap (documented: under 0.5% high), and the
+    estimate is a float32 Rayleigh quotient, so the rank is never below the true one."""
+    from aquin_nb import modeldiff
     from aquin_nb.modeldiff import _stable_ranks
 
+    monkeypatch.setenv("AQUIN_NB_BF16", "1" if precision == "bfloat16" else "0")
+    monkeypatch.setattr(modeldiff, "LOW_PRECISION_ELEMENTS", 1)
     generator = torch.Generator().manual_seed(0)
     deltas = [torch.randn(768, 3072, generator=generator) for _ in range(2)]
+    deltas.append(torch.randn(3072, 768, generator=generator))  # tall: the other side
     expected = np.array(
         [
             float(d.double().pow(2).sum() / torch.linalg.matrix_norm(d.double(), ord=2) ** 2)
@@ -163,7 +177,7 @@ def test_stable_rank_of_noise_is_an_upper_bound_within_5_percent():
         ]
     )
     ranks = np.array(_stable_ranks(deltas))
-    assert (ranks >= expected * (1 - 1e-6)).all() and (ranks <= expected * 1.05).all()
+    assert (ranks >= expected * (1 - 1e-6)).all() and (ranks <= expected * 1.01).all()
 
 
 @pytest.mark.parametrize("threshold", [1.5, 3.2])  # dense-ish, and features firing < k times
