@@ -29,8 +29,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,15 +82,17 @@ class _TopTokens:
         kl: torch.Tensor,
         prompts: torch.Tensor,
         positions: torch.Tensor,
-        base_next: torch.Tensor,
-        ckpt_next: torch.Tensor,
+        guesses: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     ) -> None:
-        """Offer one batch's real positions, flat: KL, prompt, position and both guesses."""
+        """Offer one batch's real positions, flat: KL, prompt and position; ``guesses``
+        gives both models' next tokens at the chosen ones (an argmax over the
+        vocabulary costs ten times a max, so only the batch's top k pay it)."""
         take = min(self.k, len(kl))
         if not take:
             return
         top = kl.topk(take).indices
-        columns = (kl[top], prompts[top], positions[top], base_next[top], ckpt_next[top])
+        base_next, ckpt_next = guesses(top)
+        columns = (kl[top], prompts[top], positions[top], base_next, ckpt_next)
         for item in zip(*(column.tolist() for column in columns), strict=True):
             if len(self.heap) < self.k:
                 heapq.heappush(self.heap, item)
@@ -130,34 +134,39 @@ def _residuals_and_logits(bridge: Any, tokens: torch.Tensor, hooks: list[Any]):
     return logits, captured
 
 
-def _kl_and_guesses(
-    base_logits: torch.Tensor, ckpt_logits: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """KL and each model's most likely next token at the real positions, in row chunks
-    small enough to stay in cache (no copy of the batch's logits)."""
+def _next_token_kls(
+    base_logits: torch.Tensor, ckpt_logits: torch.Tensor, where: torch.Tensor
+) -> torch.Tensor:
+    """KL(base ‖ checkpoint) at the flat positions ``where``, in row chunks small
+    enough to stay in cache (no copy of the batch's logits)."""
     vocab = base_logits.shape[-1]
-    where = mask.reshape(-1).nonzero()[:, 0]
     base_flat = base_logits.reshape(-1, vocab)
     ckpt_flat = ckpt_logits.reshape(-1, vocab).to(base_logits.device)
     rows = max(1, KL_CHUNK_BYTES // (4 * vocab))
-    kl, base_next, ckpt_next = [], [], []
+    parts = []
     for start in range(0, len(where), rows):
         chosen = where[start : start + rows]
-        base_part, ckpt_part = base_flat[chosen], ckpt_flat[chosen]
-        kl.append(_next_token_kl(base_part, ckpt_part).cpu())
-        base_next.append(base_part.argmax(-1).cpu())
-        ckpt_next.append(ckpt_part.argmax(-1).cpu())
-    return torch.cat(kl), torch.cat(base_next), torch.cat(ckpt_next)
+        parts.append(_next_token_kl(base_flat[chosen], ckpt_flat[chosen]).cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def _next_token_kl(base_logits: torch.Tensor, ckpt_logits: torch.Tensor) -> torch.Tensor:
-    """KL(base ‖ checkpoint) per row of logits: Σ p·(ℓ_b − ℓ_c) − (lse_b − lse_c)."""
+    """KL(base ‖ checkpoint) per row of logits, Σ p·(log p − log q), from PyTorch's
+    fused softmax kernels (each cheaper than one plain ``exp`` over the row)."""
     base_logits, ckpt_logits = base_logits.float(), ckpt_logits.float()
-    base_lse = base_logits.logsumexp(-1, keepdim=True)
-    ckpt_lse = ckpt_logits.logsumexp(-1)
-    probabilities = (base_logits - base_lse).exp_()
-    gap = torch.linalg.vecdot(probabilities, base_logits - ckpt_logits)
-    return (gap - base_lse.squeeze(-1) + ckpt_lse).clamp_min(0.0).double()
+    gap = base_logits.log_softmax(-1) - ckpt_logits.log_softmax(-1)
+    return torch.linalg.vecdot(base_logits.softmax(-1), gap).clamp_min(0.0).double()
+
+
+def _guesses(
+    base_logits: torch.Tensor, ckpt_logits: torch.Tensor, where: torch.Tensor, chosen: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each model's most likely next token at the flat positions ``where[chosen]``."""
+    where = where[chosen.to(where.device)]
+    vocab = base_logits.shape[-1]
+    base_rows = base_logits.reshape(-1, vocab)[where]
+    ckpt_rows = ckpt_logits.reshape(-1, vocab)[where.to(ckpt_logits.device)]
+    return base_rows.argmax(-1).cpu(), ckpt_rows.argmax(-1).cpu()
 
 
 Fill = Callable[[torch.Tensor], None]  # writes one ΔW, as float32, into the buffer it is given
@@ -213,7 +222,8 @@ def _delta_stats(
             moved = norms > 0
             sigma2 = torch.zeros_like(norms)
             if bool(moved.any()):
-                sigma2[moved] = _top_sigma2(stack if bool(moved.all()) else stack[moved])
+                chosen = stack if bool(moved.all()) else stack[moved]
+                sigma2[moved] = _top_sigma2(chosen, norms[moved] ** 2)
             for slot, index in enumerate(chunk):
                 norm, top = float(norms[slot]), float(sigma2[slot])
                 stats[index] = (norm, norm**2 / top if norm > 0 and top > 0 else None)
@@ -221,14 +231,18 @@ def _delta_stats(
     return stats
 
 
-def _top_sigma2(stack: torch.Tensor, steps: int = LANCZOS_STEPS) -> torch.Tensor:
+def _top_sigma2(
+    stack: torch.Tensor, energy: torch.Tensor, steps: int = LANCZOS_STEPS
+) -> torch.Tensor:
     """σ_max² of each matrix of a float32 stack [g, m, n], by block Lanczos on Δ·Δᵀ.
 
     Works on the narrower side with a block of `SUBSPACE` random vectors; each step
     costs two passes over the stack (Δᵀ·q, then Δ·that) and adds a block to an
     orthonormal Krylov basis Q (fully re-orthogonalised), and σ_max² is estimated
     by the largest eigenvalue of T = Qᵀ·Δ·Δᵀ·Q. It stops when every estimate moves
-    by less than 1e-5 of itself, when Q holds the whole space, or after ``steps``.
+    by less than 1e-5 of itself, when Q holds the whole space, or after ``steps``;
+    in float32 also when trace T, the energy Q holds, is all but 1e-5 of
+    ``energy`` (each ‖Δ‖_F²), for then σ_max² is off by at most 1e-5·‖Δ‖_F².
     An update of rank ≤ `SUBSPACE` is exact after one step, and Krylov converges
     on a spectrum with no dominant direction far faster than subspace iteration:
     on Gaussian noise of 768 × 3,072, 8 steps read σ_max² under 0.5% low (the stable
@@ -278,6 +292,9 @@ def _top_sigma2(stack: torch.Tensor, steps: int = LANCZOS_STEPS) -> torch.Tensor
         projected = (grown + grown.transpose(1, 2)) / 2
         values = torch.linalg.eigvalsh(projected)[:, -1]
         converged = bool(((values - estimate).abs() <= 1e-5 * values).all())
+        if low is stack:  # captured: Q holds all but a sliver of each ΔW's energy
+            held = torch.diagonal(projected, dim1=1, dim2=2).sum(-1)
+            converged = converged or bool((held >= (1 - 1e-5) * energy).all())
         estimate = values
         if converged or size + width > narrow or step == steps - 1:
             break
@@ -536,11 +553,17 @@ def model_diff(
             mask = batch.mask.to(base_logits.device)
             rows, positions = batch.mask.nonzero(as_tuple=True)
             prompts = batch.prompt_index[rows]
-            kl, base_next, ckpt_next = _kl_and_guesses(base_logits, ckpt_logits, mask)
+            where = mask.reshape(-1).nonzero()[:, 0]
+            kl = _next_token_kls(base_logits, ckpt_logits, where)
             kl_sums.index_add_(0, prompts, kl)
             kl_counts.index_add_(0, prompts, torch.ones_like(kl))
             kl_maxes.scatter_reduce_(0, prompts, kl, reduce="amax")
-            top.offer(kl, prompts, positions, base_next, ckpt_next)
+            top.offer(
+                kl,
+                prompts,
+                positions,
+                functools.partial(_guesses, base_logits, ckpt_logits, where),
+            )
             n_tokens += len(kl)
             for layer, (x_base, x_ckpt) in enumerate(zip(base_acts, ckpt_acts, strict=True)):
                 x_base, x_ckpt = x_base[mask].float(), x_ckpt.to(x_base.device)[mask].float()
@@ -559,7 +582,7 @@ def model_diff(
         {"layer": np.arange(n_layers), "rel_drift": drift / n_tokens, "cosine": cosine / n_tokens}
     )
     promoted = _promoted(base, shift / n_tokens)
-    suggested, reason = _suggest_layer(layers)
+    suggested, reason = _suggest_layer(drift / n_tokens)
     prompt_frame = pd.DataFrame(
         {
             "prompt": np.arange(len(token_lists)),
@@ -569,9 +592,8 @@ def model_diff(
             "n_tokens": kl_count.astype(int),
         }
     )
-    module_frame = pd.DataFrame(modules).sort_values(
-        ["abs_change", "module"], ascending=[False, True], kind="stable"
-    )
+    modules.sort(key=_largest_change_first)
+    module_frame = pd.DataFrame(modules)
     summary = {
         "model": model_label,
         "checkpoint": str(checkpoint) if isinstance(checkpoint, (str, Path)) else default_name,
@@ -594,7 +616,7 @@ def model_diff(
         prompts=prompt_frame,
         layers=layers,
         promoted=promoted,
-        modules=module_frame.reset_index(drop=True),
+        modules=module_frame,
     )
 
 
@@ -626,19 +648,24 @@ def _promoted(bridge: Any, mean_shift: torch.Tensor) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(PROMOTED_COLUMNS))
 
 
-def _suggest_layer(layers: pd.DataFrame) -> tuple[int | None, str]:
-    above = layers[layers["rel_drift"] >= DRIFT_THRESHOLD]
+def _largest_change_first(row: dict[str, Any]) -> tuple[float, str]:
+    change = row["abs_change"]
+    return (-change if change == change else math.inf, row["module"])  # NaN last
+
+
+def _suggest_layer(drift: np.ndarray) -> tuple[int | None, str]:
+    """The first layer whose drift reaches `DRIFT_THRESHOLD`, and why, in words."""
+    above = np.flatnonzero(drift >= DRIFT_THRESHOLD)
     if len(above):
-        layer = int(above["layer"].iloc[0])
-        drift = float(above["rel_drift"].iloc[0])
+        layer = int(above[0])
         return layer, (
-            f"drift first reaches {DRIFT_THRESHOLD:.0%} at layer {layer} ({drift:.1%} of the "
-            f"residual norm): the fine-tune starts to act there"
+            f"drift first reaches {DRIFT_THRESHOLD:.0%} at layer {layer} "
+            f"({float(drift[layer]):.1%} of the residual norm): the fine-tune starts to act there"
         )
-    if float(layers["rel_drift"].max()) == 0.0:
+    if float(drift.max()) == 0.0:
         return None, "no layer moved: the checkpoint computes what the base computes"
-    peak = int(layers["rel_drift"].idxmax())
+    peak = int(drift.argmax())
     return peak, (
         f"drift stays under {DRIFT_THRESHOLD:.0%} at every layer; it is largest at layer {peak} "
-        f"({float(layers['rel_drift'].max()):.2%})"
+        f"({float(drift[peak]):.2%})"
     )

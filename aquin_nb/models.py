@@ -328,8 +328,18 @@ def bridge_tensor_paths(original: Any, *, fresh: bool = False) -> dict[str, str]
 
 
 def _tensor_at(root: Any, path: str) -> torch.Tensor:
-    module_path, _, attribute = path.rpartition(".")
-    value = getattr(root.get_submodule(module_path), attribute)
+    """The tensor at a state-dict ``path``, walked through each module's registered
+    children (a bridge's ``__getattr__`` costs more than the walk itself)."""
+    *segments, attribute = path.split(".")
+    module = root
+    for segment in segments:
+        child = module._modules.get(segment)
+        module = child if child is not None else getattr(module, segment)
+    value = module._parameters.get(attribute)
+    if value is None:
+        value = module._buffers.get(attribute)
+    if value is None:
+        value = getattr(module, attribute)
     if not isinstance(value, torch.Tensor):
         raise AttributeError(f"{path} is no longer a tensor")
     return value.detach()

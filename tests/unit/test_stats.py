@@ -294,10 +294,16 @@ def test_model_diff_kl_in_chunks_equals_the_float64_definition(monkeypatch):
     mask[:, 0] = False
     mask[1, 5:] = False
     monkeypatch.setattr(modeldiff, "KL_CHUNK_BYTES", 3 * 4 * 5000)  # 3 rows a chunk
-    kl, base_next, ckpt_next = modeldiff._kl_and_guesses(base, ckpt, mask)
+    where = mask.reshape(-1).nonzero()[:, 0]
+    kl = modeldiff._next_token_kls(base, ckpt, where)
     log_p = base.double().log_softmax(-1)[mask]
     log_q = ckpt.double().log_softmax(-1)[mask]
     expected = (log_p.exp() * (log_p - log_q)).sum(-1)
     torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-6)
-    assert torch.equal(base_next, base[mask].argmax(-1))
-    assert torch.equal(ckpt_next, ckpt[mask].argmax(-1))
+    assert torch.equal(
+        modeldiff._next_token_kls(base, base.clone(), where), torch.zeros(len(where))
+    )
+    chosen = torch.tensor([0, 4, len(where) - 1])
+    base_next, ckpt_next = modeldiff._guesses(base, ckpt, where, chosen)
+    assert torch.equal(base_next, base[mask].argmax(-1)[chosen])
+    assert torch.equal(ckpt_next, ckpt[mask].argmax(-1)[chosen])
