@@ -96,12 +96,18 @@ class TopContexts:
         batch, positions, d_sae = features.shape
         features, mask, tokens = features.float().cpu(), mask.cpu(), tokens.cpu()
         features = features.contiguous()
-        features[~mask] = 0.0  # BOS and padding: a few rows, zeroed in place
+        left_out = (~mask).nonzero(as_tuple=True)  # BOS and padding: a few rows
+        features[left_out] = 0.0  # zeroed in place, row by row
         self.n_tokens += int(mask.sum())
-        where = (features.reshape(-1) > 0).nonzero()[:, 0]  # flat (row, position, feature)
+        # flat (row, position, feature) of every firing: one pass over the dense
+        # features, then the sign checked on the few that are nonzero
+        where = features.reshape(-1).nonzero()[:, 0]
+        values = features.reshape(-1)[where]
+        fired = values > 0
+        if not bool(fired.all()):
+            where, values = where[fired], values[fired]
         if not len(where):
             return
-        values = features.reshape(-1)[where]
         feature = where % d_sae
         self.fires += torch.bincount(feature, minlength=d_sae)
         bins = (

@@ -180,8 +180,10 @@ def test_stable_rank_of_noise_is_an_upper_bound_within_1_percent(precision, monk
     assert (ranks >= expected * (1 - 1e-6)).all() and (ranks <= expected * 1.01).all()
 
 
-@pytest.mark.parametrize("threshold", [1.5, 3.2])  # dense-ish, and features firing < k times
-def test_top_contexts_equal_a_brute_force_top_k_over_the_whole_corpus(threshold):
+@pytest.mark.parametrize(
+    "threshold, signed", [(1.5, False), (3.2, False), (1.5, True)]
+)  # dense-ish, features firing < k times, and negative values (not firings) among them
+def test_top_contexts_equal_a_brute_force_top_k_over_the_whole_corpus(threshold, signed):
     """Streamed over batches, the dashboards' top k per feature, their windows, densities and
     histograms equal what sorting every real token of the corpus at once gives."""
     from aquin_nb.dashboards import AFTER, BEFORE, HISTOGRAM_EDGES, TopContexts
@@ -190,7 +192,9 @@ def test_top_contexts_equal_a_brute_force_top_k_over_the_whole_corpus(threshold)
     d_sae, k, positions = 64, 4, 30
     batches = []
     for _ in range(5):
-        features = torch.relu(torch.randn(3, positions, d_sae, generator=generator) - threshold)
+        features = torch.randn(3, positions, d_sae, generator=generator) - threshold
+        if not signed:
+            features = torch.relu(features)
         tokens = torch.randint(0, 500, (3, positions), generator=generator)
         mask = torch.ones(3, positions, dtype=torch.bool)
         mask[:, 0] = False  # BOS
