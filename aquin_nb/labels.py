@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +56,18 @@ def feature_url(neuronpedia: str, index: int) -> str:
 
 def offline_label(top_tokens: list[str], lens_tokens: list[str], size: int = LABEL_TOKENS) -> str:
     """Up to ``size`` words: the most frequent peak tokens, then logit-lens tokens."""
-    counted = [token for token, _ in Counter(t.strip() for t in top_tokens).most_common()]
+    counts: dict[str, int] = {}
+    for token in top_tokens:
+        token = token.strip()
+        counts[token] = counts.get(token, 0) + 1
+    # most frequent first, ties in order of appearance (as Counter.most_common)
+    counted = sorted(counts, key=counts.__getitem__, reverse=True)
     words: list[str] = []
     for token in [*counted, *(t.strip() for t in lens_tokens)]:
         if token and token not in words:
             words.append(token)
-        if len(words) == size:
-            break
+            if len(words) == size:
+                break
     return " · ".join(words)
 
 
