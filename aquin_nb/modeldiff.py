@@ -66,6 +66,7 @@ STACK_BYTES = 256 * 2**20  # the stable ranks' batched iteration, per stack
 SUBSPACE = 16  # vectors in each block of that iteration
 LANCZOS_STEPS = 8  # its cap: Gaussian noise of 768 x 3,072 reads under 0.5% off
 LOW_PRECISION_ELEMENTS = 2**21  # stacks this large iterate in bfloat16 where that is fast
+MERGED_ELEMENTS = 2**18  # matrices smaller than this share a stack with their narrow side's
 CHECKED_STEPS = (0, 1, 2, 4)  # Lanczos steps (and the last) that test for convergence
 KL_CHUNK_BYTES = 2**20  # logits per KL chunk: a few rows, in cache
 DEFAULT_CONTEXT = 1024  # SAELens trains most public SAEs at 128-1,024 tokens
@@ -205,20 +206,37 @@ def _delta_stats(
 
     Matrices of one shape are stacked, in float32 stacks of at most `STACK_BYTES`
     (one alive at a time), and each ΔW is written once: its norm and σ_max both
-    come from the stack. σ_max² comes from `_top_sigma2` (block Lanczos); a zero
-    ΔW has no rank (None).
+    come from the stack. Small matrices (under `MERGED_ELEMENTS`) with the same
+    narrow side share one stack whatever their other side: each is written
+    transposed if need be, and zero-padded to the widest, which changes neither
+    its norm nor its singular values, so a model's many small shapes cost one
+    iteration rather than one each. σ_max² comes from `_top_sigma2` (block
+    Lanczos); a zero ΔW has no rank (None).
     """
     stats: list[tuple[float, float | None]] = [(0.0, None)] * len(jobs)
-    groups: dict[tuple[tuple[int, ...], torch.device], list[int]] = {}
+    groups: dict[tuple[Any, ...], list[int]] = {}
     for index, (shape, device, _) in enumerate(jobs):
-        groups.setdefault((shape, device), []).append(index)
-    for (shape, device), indices in groups.items():
-        per_stack = max(1, STACK_BYTES // (4 * shape[0] * shape[1]))
+        small = shape[0] * shape[1] < MERGED_ELEMENTS
+        key = ("merged", min(shape), device) if small else ("exact", shape, device)
+        groups.setdefault(key, []).append(index)
+    for (kind, size, device), indices in groups.items():
+        if kind == "exact":
+            rows, columns = size
+        else:  # [narrow, widest]
+            rows, columns = size, max(max(jobs[index][0]) for index in indices)
+        per_stack = max(1, STACK_BYTES // (4 * rows * columns))
         for start in range(0, len(indices), per_stack):
             chunk = indices[start : start + per_stack]
-            stack = torch.empty(len(chunk), *shape, dtype=torch.float32, device=device)
+            make = torch.empty if kind == "exact" else torch.zeros
+            stack = make(len(chunk), rows, columns, dtype=torch.float32, device=device)
             for slot, index in enumerate(chunk):
-                jobs[index][2](stack[slot])
+                shape, _, fill = jobs[index]
+                if kind == "exact":
+                    fill(stack[slot])
+                elif shape[0] == rows:
+                    fill(stack[slot, :, : shape[1]])
+                else:  # tall: written into the transpose of its slot
+                    fill(stack[slot, :, : shape[0]].T)
             norms = torch.linalg.vector_norm(stack, dim=(1, 2)).double()
             moved = norms > 0
             sigma2 = torch.zeros_like(norms)
@@ -257,7 +275,8 @@ def _top_sigma2(
     narrow = min(rows, columns)
     width = min(SUBSPACE, narrow)
     low = stack
-    if stack.numel() >= LOW_PRECISION_ELEMENTS and fast_bfloat16(stack.device):
+    large = stack.numel() >= LOW_PRECISION_ELEMENTS and rows * columns >= MERGED_ELEMENTS
+    if large and fast_bfloat16(stack.device):
         low = stack.to(torch.bfloat16)
 
     def gram_times(block: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -278,36 +297,41 @@ def _top_sigma2(
     basis = block
     projected = torch.zeros(count, 0, 0, dtype=torch.float64, device=stack.device)
     estimate = torch.zeros(count, dtype=torch.float64, device=stack.device)
+    vectors: torch.Tensor | None = None
     for step in range(steps):
         image = gram_times(block, low)
         column = basis.transpose(1, 2) @ image  # T's newest block column [g, k, w]
-        size = basis.shape[2]
+        size, old = basis.shape[2], basis.shape[2] - block.shape[2]
         grown = torch.zeros(count, size, size, dtype=torch.float64, device=stack.device)
-        grown[:, : size - width, : size - width] = projected
-        grown[:, :, size - width :] = column.double()
-        grown[:, size - width :, : size - width] = (
-            column[:, : size - width].transpose(1, 2).double()
-        )
+        grown[:, :old, :old] = projected
+        grown[:, :, old:] = column.double()
+        grown[:, old:, :old] = column[:, :old].transpose(1, 2).double()
         projected = (grown + grown.transpose(1, 2)) / 2
-        last = size + width > narrow or step == steps - 1
+        last = size == narrow or step == steps - 1
         # captured (float32 only): Q holds all but a sliver of each ΔW's energy
         held = low is stack and bool(
             (torch.diagonal(projected, dim1=1, dim2=2).sum(-1) >= (1 - 1e-5) * energy).all()
         )
         if held or last or step in CHECKED_STEPS:  # T's eigenvalues cost k³: not every step
-            values = torch.linalg.eigvalsh(projected)[:, -1]
+            if last and low is not stack:  # the Ritz vectors are wanted: one eigh for both
+                values, vectors = torch.linalg.eigh(projected)
+                values = values[:, -1]
+            else:
+                values = torch.linalg.eigvalsh(projected)[:, -1]
             converged = held or bool(((values - estimate).abs() <= 1e-5 * values).all())
             estimate = values
             if converged or last:
                 break
         image = image - basis @ column
         image = image - basis @ (basis.transpose(1, 2) @ image)  # re-orthogonalised
-        block = torch.linalg.qr(image).Q
+        block = torch.linalg.qr(image).Q[:, :, : narrow - size]  # the last may be narrower
         basis = torch.cat([basis, block], dim=2)
     if low is stack:
         return estimate.clamp_min(0.0)
-    vectors = torch.linalg.eigh(projected).eigenvectors[:, :, -width:]
-    ritz = torch.linalg.qr(basis[:, :, : projected.shape[1]] @ vectors.to(basis.dtype)).Q
+    if vectors is None:  # converged before the last step
+        vectors = torch.linalg.eigh(projected).eigenvectors
+    top = vectors[:, :, -width:].to(basis.dtype)
+    ritz = torch.linalg.qr(basis[:, :, : projected.shape[1]] @ top).Q
     # one float32 pass: U = the top Ritz vectors, σ_max² ≥ λ_max(Uᵀ·Δ·Δᵀ·U)
     if tall:
         image = (stack @ ritz).transpose(1, 2)

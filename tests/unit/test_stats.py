@@ -136,6 +136,7 @@ def test_stable_ranks_match_the_svd(kind, precision, monkeypatch):
     if precision == "bfloat16":
         monkeypatch.setenv("AQUIN_NB_BF16", "1")
         monkeypatch.setattr(modeldiff, "LOW_PRECISION_ELEMENTS", 1)
+        monkeypatch.setattr(modeldiff, "MERGED_ELEMENTS", 1)
 
     generator = torch.Generator().manual_seed(sum(map(ord, kind)))
 
@@ -158,6 +159,44 @@ def test_stable_ranks_match_the_svd(kind, precision, monkeypatch):
     np.testing.assert_allclose(_stable_ranks(deltas), expected, rtol=1e-3)
 
 
+def test_small_matrices_of_many_shapes_share_one_stack_and_keep_their_ranks():
+    """Small ΔWs with one narrow side go in one zero-padded stack, tall ones transposed:
+    norms and stable ranks are each matrix's own, and the iteration runs once."""
+    from aquin_nb import modeldiff
+    from aquin_nb.modeldiff import _delta_stats, _subtracter
+
+    generator = torch.Generator().manual_seed(11)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    deltas = [
+        draw(40, 2) @ draw(2, 100),  # wide, rank 2
+        draw(100, 40),  # tall noise: written transposed
+        draw(40, 1) @ draw(1, 60),  # rank 1, padded from 60 to 100
+        draw(40, 40),
+        draw(60, 3) @ draw(3, 40),  # tall, rank 3
+    ]
+    bases = [draw(*d.shape) for d in deltas]
+    jobs = [
+        (tuple(d.shape), d.device, _subtracter(w, w + d))
+        for d, w in zip(deltas, bases, strict=True)
+    ]
+    calls = []
+    original = modeldiff._top_sigma2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            modeldiff, "_top_sigma2", lambda *a, **k: calls.append(1) or original(*a, **k)
+        )
+        stats = _delta_stats(jobs)
+    assert len(calls) == 1
+    for (norm, rank), delta, weight in zip(stats, deltas, bases, strict=True):
+        exact = (weight + delta).double() - weight.double()
+        expected_rank = float(exact.pow(2).sum() / torch.linalg.matrix_norm(exact, ord=2) ** 2)
+        assert norm == pytest.approx(float(exact.norm()), rel=1e-5)
+        assert rank == pytest.approx(expected_rank, rel=1e-3)
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_stable_rank_of_noise_is_an_upper_bound_within_1_percent(precision, monkeypatch):
     """No dominant direction: Lanczos stops at its cap (documented: under 0.5% high), and the
@@ -167,6 +206,7 @@ def test_stable_rank_of_noise_is_an_upper_bound_within_1_percent(precision, monk
 
     monkeypatch.setenv("AQUIN_NB_BF16", "1" if precision == "bfloat16" else "0")
     monkeypatch.setattr(modeldiff, "LOW_PRECISION_ELEMENTS", 1)
+    monkeypatch.setattr(modeldiff, "MERGED_ELEMENTS", 1)
     generator = torch.Generator().manual_seed(0)
     deltas = [torch.randn(768, 3072, generator=generator) for _ in range(2)]
     deltas.append(torch.randn(3072, 768, generator=generator))  # tall: the other side
