@@ -143,20 +143,21 @@ def encode_prefixes(tokenizer: Any, prompts: Sequence[str], max_length: int) -> 
 
 
 def token_batches(
-    token_lists: Sequence[Sequence[int]],
+    token_lists: Sequence[Any],
     *,
     batch_size: int,
     skip_first: bool,
     pad_id: int = 0,
 ) -> Iterator[TokenBatch]:
-    """Right-padded batches; causal attention means padding never touches real tokens."""
+    """Right-padded batches of ``token_lists`` (id lists, or int arrays as `pack_windows`
+    makes); causal attention means padding never touches real tokens."""
     for start in range(0, len(token_lists), batch_size):
         chunk = token_lists[start : start + batch_size]
         width = max(len(ids) for ids in chunk)
         tokens = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.bool)
         for row, ids in enumerate(chunk):
-            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            tokens[row, : len(ids)] = torch.as_tensor(ids)
             mask[row, int(skip_first) : len(ids)] = True
         yield TokenBatch(tokens, mask, torch.arange(start, start + len(chunk)))
 

@@ -7,10 +7,13 @@ starting with BOS when the SAE expects one.
 
 from __future__ import annotations
 
+import array
 import gzip
 import hashlib
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ._errors import AquinError
 from .catalog import EMBEDDED_DIR
@@ -63,23 +66,46 @@ def corpus_digest(texts: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+TOKENIZE_TEXTS = 256  # texts tokenised at a time: their Python lists are all that is held
+
+
 def pack_windows(
     tokenizer: Any, texts: list[str], *, prepend_bos: bool, max_length: int
-) -> list[list[int]]:
+) -> list[np.ndarray]:
     """``texts`` as one token stream cut into windows of ``max_length`` (BOS included).
 
-    A stream shorter than one window becomes one shorter window.
+    A stream shorter than one window becomes one shorter window. The stream is
+    held as int32 (4 bytes a token), tokenised `TOKENIZE_TEXTS` texts at a time,
+    and each window is a row of one array: a corpus pass holds O(tokens · 4 bytes)
+    of ids, not a Python int per token.
+
+    Example:
+        >>> import aquin_nb
+        >>> tokenizer = aquin_nb.load_model("tiny-gpt2").tokenizer
+        >>> texts = ["Preheat the oven."] * 10  # 8 tokens and EOS each: 90 in the stream
+        >>> windows = pack_windows(tokenizer, texts, prepend_bos=True, max_length=32)
+        >>> [len(w) for w in windows], windows[0].dtype.name
+        ([32, 32, 29], 'int32')
     """
     from ._activations import encode_prefixes
 
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    stream: list[int] = []
-    for ids in encode_prefixes(tokenizer, texts, 1 << 20):
-        stream.extend(ids)
-        stream.append(eos)
+    stream = array.array("i")
+    for start in range(0, len(texts), TOKENIZE_TEXTS):
+        for ids in encode_prefixes(tokenizer, texts[start : start + TOKENIZE_TEXTS], 1 << 20):
+            stream.extend(ids)
+            stream.append(eos)
     bos = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos]
     bos = bos if prepend_bos else []
     width = max_length - len(bos)
     if width < 1:
         raise AquinError(f"context size {max_length} leaves no room for tokens")
-    return [bos + stream[start : start + width] for start in range(0, len(stream), width)]
+    flat = np.frombuffer(stream, dtype=np.int32) if len(stream) else np.zeros(0, np.int32)
+    full = len(flat) // width
+    rows = np.empty((full, len(bos) + width), dtype=np.int32)
+    rows[:, : len(bos)] = bos
+    rows[:, len(bos) :] = flat[: full * width].reshape(full, width)
+    windows = list(rows)
+    if len(flat) > full * width:
+        windows.append(np.concatenate([np.asarray(bos, np.int32), flat[full * width :]]))
+    return windows

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._activations import (
@@ -41,7 +42,7 @@ def cache_dir_for(out_dir: Path, layer: int, context_size: int, dtype: str = "fl
     return out_dir / f"_acts_layer{layer}_ctx{context_size}{suffix}"
 
 
-def corpus_windows(tokenizer: Any, prepend_bos: bool, max_length: int) -> list[list[int]]:
+def corpus_windows(tokenizer: Any, prepend_bos: bool, max_length: int) -> list[np.ndarray]:
     """The shipped corpus as a token stream cut into full context-sized windows."""
     from ._corpus import pack_windows, shipped_texts
 
@@ -82,6 +83,7 @@ def collect_from_model(
     bridge = load_model(model, checkpoint, device=device, dtype=dtype)
     prepare_bridge(bridge, numerics)
     max_length = context_size
+    token_lists: list[Any]  # prompts' id lists, or the corpus's int32 windows
     if prompts is not None:
         texts = load_prompts(prompts, bridge.tokenizer)
         token_lists = tokenize_prompts(

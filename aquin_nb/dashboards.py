@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,7 @@ def _side_pass(
     bridge: Any,
     sae: Any,
     hook: str,
-    windows: list[list[int]],
+    windows: Sequence[Any],
     skip_first: bool,
     k: int,
     batch_size: int,
