@@ -140,8 +140,10 @@ class FitStats:
 
     def update(self, x: torch.Tensor, reconstruction: torch.Tensor) -> None:
         self.sum += x.sum(0).double().cpu()
-        self.sq_sum += float((x * x).sum())
-        self.error_sq_sum += float(((x - reconstruction) ** 2).sum())
+        # squared row norms summed in float64: a float32 sum over a whole large batch
+        # drifts, and the variance subtracts two such sums
+        self.sq_sum += float(x.norm(dim=-1).double().pow(2).sum())
+        self.error_sq_sum += float((x - reconstruction).norm(dim=-1).double().pow(2).sum())
         self.n += int(x.shape[0])
 
     def merge(self, other: FitStats) -> FitStats:
