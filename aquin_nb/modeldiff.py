@@ -398,14 +398,7 @@ def _adapter_rows(base: Any, switch: Any) -> list[dict[str, Any]]:
     sizes: dict[int, float] = {}  # row -> ‖W‖_F of each LoRA layer's base weight
     for name, weight in base_state.items():
         path = paths[name]
-        row: dict[str, Any] = {
-            "module": name,
-            "shape": " × ".join(map(str, weight.shape)),
-            "rel_change": 0.0,
-            "abs_change": 0.0,
-            "stable_rank": None,
-            "changed": False,
-        }
+        row = _unchanged_row(name, weight)
         rows.append(row)
         if not path.endswith(".base_layer.weight"):
             continue
@@ -428,6 +421,18 @@ def _adapter_rows(base: Any, switch: Any) -> list[dict[str, Any]]:
         change = rows[row_index]["abs_change"]
         rows[row_index].update(rel_change=change / size if size else None, changed=change > 0)
     return rows
+
+
+def _unchanged_row(name: str, weight: torch.Tensor) -> dict[str, Any]:
+    """A `ModelDiff.modules` row for the tensor ``name``, filled in as unchanged."""
+    return {
+        "module": name,
+        "shape": " × ".join(map(str, weight.shape)),
+        "rel_change": 0.0,
+        "abs_change": 0.0,
+        "stable_rank": None,
+        "changed": False,
+    }
 
 
 def _lora_parts(layer: Any) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
@@ -487,14 +492,7 @@ def _module_rows(base: Any, checkpoint: Any) -> list[dict[str, Any]]:
             rows.append({"module": name})
             continue
         seen[key] = len(rows)
-        row: dict[str, Any] = {
-            "module": name,
-            "shape": " × ".join(map(str, weight.shape)),
-            "rel_change": 0.0,
-            "abs_change": 0.0,
-            "stable_rank": None,
-            "changed": False,
-        }
+        row = _unchanged_row(name, weight)
         rows.append(row)
         if torch.equal(other.to(weight.device, weight.dtype), weight):
             continue
