@@ -65,17 +65,22 @@ def test_fit_stats_known_answers():
     assert mean_only.explained_variance() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_pursuit_picks_what_scikit_learns_omp_picks():
-    """Random sparse problems: the same rows in the same order as ``orthogonal_mp``."""
+@pytest.mark.parametrize("speculate", [1, 3, 16])
+def test_pursuit_picks_what_scikit_learns_omp_picks(speculate, monkeypatch):
+    """Random sparse problems: the same rows in the same order as ``orthogonal_mp``,
+    whether every pick gets its own pass over the decoder (``SPECULATE`` 1) or passes
+    multiply guesses that are often wrong (3) or a wide block (16)."""
     from sklearn.linear_model import orthogonal_mp
 
+    from aquin_nb import _shift
     from aquin_nb._shift import pursuit
 
+    monkeypatch.setattr(_shift, "SPECULATE", speculate)
     rng = np.random.default_rng(0)
     for _ in range(50):
         decoder = rng.standard_normal((256, 32)).astype(np.float32)
         unit = decoder.astype(np.float64) / np.linalg.norm(decoder, axis=1, keepdims=True)
-        support = rng.choice(256, int(rng.integers(1, 6)), replace=False)
+        support = rng.choice(256, int(rng.integers(1, 12)), replace=False)
         target = rng.standard_normal(len(support)) @ unit[support]
         target += 0.01 * rng.standard_normal(32)
         ours = pursuit(torch.tensor(decoder), target, 16)
