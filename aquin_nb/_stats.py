@@ -32,6 +32,14 @@ def prompt_means(
     return sums / counts
 
 
+def firing_counts(activations: torch.Tensor) -> torch.Tensor:
+    """How many rows of ``activations`` ``[tokens, d_sae]`` are above zero, per feature,
+    float64 on the CPU. Counted in float32 (exact to 2**24 rows): summing the bool mask
+    over rows goes through int64 and was 5x slower on the CPU (17 ms against 3.4 ms at
+    254 x 24,576)."""
+    return (activations > 0).to(torch.float32).sum(0).double().cpu()
+
+
 class PairedFeatureStats:
     """Token means, firing counts and per-prompt paired differences, base vs checkpoint.
 
@@ -60,8 +68,8 @@ class PairedFeatureStats:
         rows = prompt_of_token.to(base.device)
         self.base_sum += base.sum(0).double().cpu()
         self.checkpoint_sum += checkpoint.sum(0).double().cpu()
-        self.base_fires += (base > 0).sum(0).double().cpu()
-        self.checkpoint_fires += (checkpoint > 0).sum(0).double().cpu()
+        self.base_fires += firing_counts(base)
+        self.checkpoint_fires += firing_counts(checkpoint)
         counts = torch.bincount(rows, minlength=n_rows).clamp_min(1)[:, None]
         per_prompt = torch.zeros((n_rows, base.shape[1]), dtype=base.dtype, device=base.device)
         per_prompt.index_add_(0, rows, checkpoint - base)
@@ -84,7 +92,7 @@ class PairedFeatureStats:
         """
         n_rows = int(base_prompt_means.shape[0])
         self.checkpoint_sum += checkpoint.sum(0).double().cpu()
-        self.checkpoint_fires += (checkpoint > 0).sum(0).double().cpu()
+        self.checkpoint_fires += firing_counts(checkpoint)
         means = prompt_means(checkpoint, prompt_of_token, n_rows)
         per_prompt = means.double().cpu() - base_prompt_means.double().cpu()
         self.diff_sum += per_prompt.sum(0)
@@ -184,7 +192,7 @@ class BaseFeatureStats:
         n_rows: int,
     ) -> None:
         self.base_sum += base.sum(0).double().cpu()
-        self.base_fires += (base > 0).sum(0).double().cpu()
+        self.base_fires += firing_counts(base)
         self.batch_means.append(prompt_means(base, prompt_of_token, n_rows).float().cpu())
         self.n_tokens += int(base.shape[0])
         self.n_prompts += n_rows

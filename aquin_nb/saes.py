@@ -374,11 +374,16 @@ def decode(sae: Any, features: torch.Tensor) -> torch.Tensor:
     """``sae.decode(features)``, through a sparse copy of ``features`` when few are nonzero.
 
     SAELens's decode starts with ``features @ W_dec``, which torch runs on a sparse
-    COO matrix as well; the rest of it (``b_dec``, hooks, out-normalisation) is
+    CSR matrix as well; the rest of it (``b_dec``, hooks, out-normalisation) is
     unchanged. The result equals the dense decode up to float summation order.
     """
     if features.ndim == 2 and features.device.type == "cpu" and features.numel():
         density = float(torch.count_nonzero(features)) / features.numel()
         if density < SPARSE_DECODE_DENSITY:
-            return sae.decode(features.to_sparse())
+            # COO, then CSR: CSR's product is faster and converting from sorted COO is
+            # cheap (254 x 24,576 at 64 a row: 5.8 ms against 9.9 through COO alone)
+            with warnings.catch_warnings():  # torch calls its CSR tensors beta, once
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
+                sparse = features.to_sparse().to_sparse_csr()
+            return sae.decode(sparse)
     return sae.decode(features)
