@@ -126,17 +126,19 @@ def load_pair(
     dtype: Any = None,
     *,
     switch_adapter: bool = False,
+    count_shared: bool = False,
 ) -> Pair:
     """Base and checkpoint bridges, reading the base's weights once.
 
     When both are paths, the base model is read from disk once and the checkpoint
     side is built around the checkpoint's own tensors (`aquin_nb.models.checkpoint_twin`:
-    no copy of the base); the leading
-    blocks the checkpoint left unchanged are counted (``shared_blocks``). With
+    no copy of the base). With ``count_shared``, the leading blocks the checkpoint
+    left unchanged are counted (``shared_blocks``; comparing them reads both). With
     ``switch_adapter``, a LoRA adapter directory is not copied at all: both sides
     are views of one model with the adapter switched off and on (`aquin_nb._switch`).
     Anything else (loaded models, bridges) is loaded as `load_base` and
-    `load_checkpoint` do.
+    `load_checkpoint` do; ``count_shared`` then compares two bridges' weights where
+    they compare like for like (`_loaded_prefix`).
     """
 
     from ._checkpoints import is_peft_adapter
@@ -147,7 +149,7 @@ def load_pair(
     if not isinstance(model, (str, Path)) or not isinstance(checkpoint, (str, Path)):
         base = load_base(model, device, dtype)
         ckpt, name = load_checkpoint(checkpoint, base, model, device, dtype)
-        return Pair(base, ckpt, name)
+        return Pair(base, ckpt, name, _loaded_prefix(base, ckpt) if count_shared else 0)
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise AquinError(f"checkpoint {path} does not exist")
@@ -170,9 +172,31 @@ def load_pair(
         logger.info("diffing adapter %s on a second copy of the model: %s", path, reason)
         hf = peft_model.unload()
     checkpoint_hf = checkpoint_twin(hf, path)
-    shared = unchanged_prefix(hf, checkpoint_hf)
+    shared = unchanged_prefix(hf, checkpoint_hf) if count_shared else 0
     base = wrap_bridge(hf, tokenizer, label, device=device)
     return Pair(base, wrap_bridge(checkpoint_hf, tokenizer, label, device=device), name, shared)
+
+
+def _loaded_prefix(base: Any, checkpoint: Any) -> int:
+    """`unchanged_prefix` of two bridges the caller loaded, when their weights compare
+    like for like: both as loaded, or both processed by aquin_nb with the same settings
+    (processing a block reads only that block and the embeddings, so equal blocks stay
+    equal). 0 for a bridge processed some other way, or a switched one (its sides are
+    one model already)."""
+    from ._prefix import unchanged_prefix
+    from ._switch import SwitchedBridge
+
+    processing = [getattr(bridge, "aquin_processing", None) for bridge in (base, checkpoint)]
+    for bridge, settings in zip((base, checkpoint), processing, strict=True):
+        if isinstance(bridge, SwitchedBridge) or not is_bridge(bridge):
+            return 0
+        if settings is None and getattr(bridge, "compatibility_mode", True):
+            return 0  # processed outside aquin_nb: settings unknown
+    if processing[0] != processing[1]:
+        return 0
+    if type(base.original_model) is not type(checkpoint.original_model):
+        return 0
+    return unchanged_prefix(base.original_model, checkpoint.original_model)
 
 
 def check_options(fdr: float, batch_size: int, fit: str) -> None:
@@ -238,7 +262,9 @@ def prepare(
     if checkpoint is None:
         base, pair = load_base(model, device, dtype), None
     else:
-        pair = load_pair(model, checkpoint, device, dtype, switch_adapter=switch_adapter)
+        pair = load_pair(
+            model, checkpoint, device, dtype, switch_adapter=switch_adapter, count_shared=True
+        )
         base = pair.base
     model_label = (
         bridge_label(base)

@@ -58,11 +58,14 @@ def unchanged_prefix(base: Any, checkpoint: Any) -> int:
     changed = int(base.config.num_hidden_layers)
     checkpoint_parameters = dict(checkpoint.named_parameters())
     for name, parameter in base.named_parameters():
+        in_blocks = name.startswith(f"{blocks}.")
+        if in_blocks and int(name[len(blocks) + 1 :].split(".", 1)[0]) >= changed:
+            continue  # a block at or past the first changed one cannot lower it
         other = checkpoint_parameters.get(name)
         if other is not None and other.shape == parameter.shape and torch.equal(other, parameter):
             continue
-        if name.startswith(f"{blocks}."):
-            changed = min(changed, int(name[len(blocks) + 1 :].split(".", 1)[0]))
+        if in_blocks:
+            changed = int(name[len(blocks) + 1 :].split(".", 1)[0])
         elif name in before_blocks:
             return 0  # the embeddings changed: nothing is shared
         # else: a module that runs after the blocks (the final norm, an untied head)

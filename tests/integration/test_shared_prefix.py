@@ -100,8 +100,15 @@ def test_only_the_embeddings_count_as_before_the_blocks(model_type, tmp_path):
     assert all("embed" in name or "wte" in name or "wpe" in name for name in before), before
 
 
-def test_sae_diff_with_a_shared_prefix_equals_the_two_full_forwards(tmp_path, base_state):
-    """Block 1 changed, blocks 0 shared; the SAE reads blocks.2.hook_resid_pre."""
+def test_sae_diff_with_a_shared_prefix_equals_the_two_full_forwards(
+    tmp_path, base_state, monkeypatch
+):
+    """Block 1 changed, block 0 shared; the SAE reads blocks.2.hook_resid_pre. From
+    paths, from two loaded bridges (shared too, and again once the first diff has
+    processed them) and with sharing switched off, the features are the same."""
+    from aquin_nb import _diff_core
+    from aquin_nb._diff_core import load_pair
+
     torch.manual_seed(11)
     tuned = {key: value.clone() for key, value in base_state.items()}
     for key in tuned:
@@ -110,15 +117,25 @@ def test_sae_diff_with_a_shared_prefix_equals_the_two_full_forwards(tmp_path, ba
     path = tmp_path / "tuned.pt"
     torch.save(tuned, path)
     shared = sae_diff("tiny-gpt2", path, fit="off", progress=False)
+    loaded = (aquin_nb.load_model("tiny-gpt2"), aquin_nb.load_model("tiny-gpt2", path))
+    assert load_pair(*loaded, None, count_shared=True).shared_blocks == 1
+    shared_loaded = sae_diff(*loaded, fit="off", progress=False)
+    # processed alike by that diff: still shared
+    assert load_pair(*loaded, None, count_shared=True).shared_blocks == 1
+    other = aquin_nb.load_model("tiny-gpt2")
+    other.enable_compatibility_mode(disable_warnings=True)  # processed outside aquin_nb
+    assert load_pair(other, loaded[1], None, count_shared=True).shared_blocks == 0
+    monkeypatch.setattr(_diff_core, "_loaded_prefix", lambda *_: 0)
     plain = sae_diff(
         aquin_nb.load_model("tiny-gpt2"),
-        aquin_nb.load_model("tiny-gpt2", path),  # loaded bridges are never shared
+        aquin_nb.load_model("tiny-gpt2", path),
         fit="off",
         progress=False,
     )
     columns = ["feature", "base", "checkpoint", "delta"]
-    np.testing.assert_array_equal(
-        shared.features.sort_values("feature")[columns].to_numpy(),
-        plain.features.sort_values("feature")[columns].to_numpy(),
-    )
-    assert shared.summary["n_changed"] == plain.summary["n_changed"] > 0
+    expected = plain.features.sort_values("feature")[columns].to_numpy()
+    for diff in (shared, shared_loaded):
+        np.testing.assert_array_equal(
+            diff.features.sort_values("feature")[columns].to_numpy(), expected
+        )
+        assert diff.summary["n_changed"] == plain.summary["n_changed"] > 0
