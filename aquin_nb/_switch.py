@@ -110,7 +110,7 @@ def _refresh_split_weights(bridge: Any) -> None:
         splits = [module for module in bridge.modules() if _split_is_copied(module)]
         bridge.aquin_copied_splits = splits
     for module in splits:
-        with _no_linear_init():  # the split builds fresh Linears only to copy from
+        with no_linear_init():  # the split builds fresh Linears only to copy from
             fresh = module.split_qkv_matrix(module.original_component)
         for part, new in zip((module.q, module.k, module.v), fresh, strict=True):
             old = part.original_component
@@ -122,10 +122,17 @@ def _refresh_split_weights(bridge: Any) -> None:
                     target.copy_(source)
 
 
+def _leave_unset(linear: torch.nn.Linear) -> None:
+    """``Linear.reset_parameters`` under `no_linear_init`: nothing (tests poison instead)."""
+
+
 @contextlib.contextmanager
-def _no_linear_init() -> Iterator[None]:
+def no_linear_init() -> Iterator[None]:
+    """New ``torch.nn.Linear`` modules skip their random init, for code that builds them
+    only to assign their weights: the bridge's boot splitting fused qkv projections
+    (a third of its boot at gpt2-small shape) and `_refresh_split_weights`."""
     reset = torch.nn.Linear.reset_parameters
-    torch.nn.Linear.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    torch.nn.Linear.reset_parameters = lambda self: _leave_unset(self)  # type: ignore[method-assign]
     try:
         yield
     finally:

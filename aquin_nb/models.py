@@ -258,12 +258,15 @@ def wrap_bridge(
 ) -> TransformerBridge:
     from transformer_lens.model_bridge import TransformerBridge
 
+    from ._switch import no_linear_init
+
     device = device or default_device()
     source = getattr(model.config, "_name_or_path", None) or label
     model.to(torch.device(device))  # type: ignore[arg-type]  # in place for nn.Module
-    bridge = TransformerBridge.boot_transformers(
-        source, hf_model=model, tokenizer=tokenizer, device=device
-    )
+    with no_linear_init():  # the boot's qkv splits are assigned the fused weights
+        bridge = TransformerBridge.boot_transformers(
+            source, hf_model=model, tokenizer=tokenizer, device=device
+        )
     bridge.eval()
     bridge.aquin_label = label  # type: ignore[attr-defined]
     return bridge

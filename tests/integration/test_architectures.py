@@ -563,3 +563,32 @@ def test_a_padded_vocabulary_never_names_a_padding_row(zoo, tmp_path):
         .notna()
         .any()
     )
+
+
+def test_the_booted_bridge_computes_the_hugging_face_logits(zoo, monkeypatch):
+    """The boot skips the random init of the Linears it builds to split fused qkv
+    weights (they are assigned the fused weights). Here a skipped init poisons the
+    weights with NaN instead: a Linear the boot left unassigned would show."""
+    from aquin_nb import _switch
+    from aquin_nb.models import wrap_bridge
+
+    poisoned: list[torch.nn.Linear] = []
+
+    def poison(linear: torch.nn.Linear) -> None:
+        poisoned.append(linear)
+        with torch.no_grad():
+            linear.weight.fill_(float("nan"))
+            if linear.bias is not None:
+                linear.bias.fill_(float("nan"))
+
+    monkeypatch.setattr(_switch, "_leave_unset", poison)
+    hf, tokenizer, _ = load_hf_model(zoo.model_dir)
+    tokens = torch.tensor([[0, *range(40, 80)]])
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        bridge = wrap_bridge(hf, tokenizer, "tiny", device="cpu")
+        logits = bridge(tokens, return_type="logits")
+    if zoo.arch.model_type in ("gpt2", "gpt_neox"):  # fused qkv: the boot splits it
+        assert poisoned
+    assert all(not torch.isnan(linear.weight).any() for linear in poisoned)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
