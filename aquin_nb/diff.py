@@ -222,9 +222,11 @@ def _with_labels(features: pd.DataFrame, bridge: Any, sae: Any) -> pd.DataFrame:
         ]
     )
     labels = feature_labels(bridge, sae, [int(f) for f in chosen])
-    features["label"] = pd.Series(
-        [labels.get(int(f)) for f in features["feature"]], index=features.index, dtype=object
-    )
+    ids = features["feature"].to_numpy()
+    rows = np.flatnonzero(np.isin(ids, np.fromiter(labels, dtype=np.int64, count=len(labels))))
+    column = np.full(len(features), None, dtype=object)
+    column[rows] = [labels[int(feature)] for feature in ids[rows]]
+    features["label"] = pd.Series(column, index=features.index, dtype=object)
     return features
 
 
