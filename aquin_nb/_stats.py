@@ -32,12 +32,19 @@ def prompt_means(
     return sums / counts
 
 
+FIRING_ROWS = 64  # rows at a time in `firing_counts` and the paired differences
+
+
 def firing_counts(activations: torch.Tensor) -> torch.Tensor:
     """How many rows of ``activations`` ``[tokens, d_sae]`` are above zero, per feature,
-    float64 on the CPU. Counted in float32 (exact to 2**24 rows): summing the bool mask
-    over rows goes through int64 and was 5x slower on the CPU (17 ms against 3.4 ms at
-    254 x 24,576)."""
-    return (activations > 0).to(torch.float32).sum(0).double().cpu()
+    float64 on the CPU. Counted in float32 (exact to 2**24 rows), `FIRING_ROWS` rows at
+    a time: the bool mask summed over all rows at once goes through int64 (48 ms and a
+    99 MB transient at 254 x 65,536 on the CPU), in float32 it is 31 ms and 66 MB, in
+    chunks 11 ms and no transient to speak of."""
+    counts = torch.zeros(activations.shape[1], dtype=torch.float32, device=activations.device)
+    for start in range(0, len(activations), FIRING_ROWS):
+        counts += (activations[start : start + FIRING_ROWS] > 0).to(torch.float32).sum(0)
+    return counts.double().cpu()
 
 
 class PairedFeatureStats:
@@ -72,7 +79,9 @@ class PairedFeatureStats:
         self.checkpoint_fires += firing_counts(checkpoint)
         counts = torch.bincount(rows, minlength=n_rows).clamp_min(1)[:, None]
         per_prompt = torch.zeros((n_rows, base.shape[1]), dtype=base.dtype, device=base.device)
-        per_prompt.index_add_(0, rows, checkpoint - base)
+        for start in range(0, len(rows), FIRING_ROWS):  # no [tokens, d_sae] temporary
+            part = slice(start, start + FIRING_ROWS)
+            per_prompt.index_add_(0, rows[part], checkpoint[part] - base[part])
         per_prompt = (per_prompt / counts).double().cpu()
         self.diff_sum += per_prompt.sum(0)
         self.diff_sq_sum += (per_prompt**2).sum(0)
