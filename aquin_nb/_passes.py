@@ -26,7 +26,7 @@ import torch
 from ._activations import TokenBatch, residual, token_batches
 from ._fit import DownstreamStats
 from ._stats import BaseFeatureStats, FitStats, PairedFeatureStats
-from .saes import SaeNumerics
+from .saes import SaeNumerics, encode
 from .saes import decode as sparse_decode
 
 
@@ -124,7 +124,7 @@ def _prompt_of_token(batch: TokenBatch, rows: torch.Tensor) -> torch.Tensor:
 
 def _features(bridge: Any, sae: Any, numerics: SaeNumerics, batch: TokenBatch, mask: torch.Tensor):
     x = residual(bridge, batch.tokens, numerics.hook_name)[mask].to(sae.W_dec.dtype)
-    features = sae.encode(x)
+    features = encode(sae, x)
     return x, features
 
 
@@ -166,6 +166,7 @@ def base_pass(
         result.fit.update(x, sparse_decode(sae, features))
         result.features.update(features, rows, len(batch.tokens))
         result.residual.update(x, _prompt_of_token(batch, rows))
+        del x, features  # before the next batch's arrive, not when they replace these
         _downstream(result.downstream, bridge, sae, numerics, batch, shard, n_downstream)
     return result
 
@@ -198,5 +199,6 @@ def checkpoint_pass(
         result.fit.update(x, sparse_decode(sae, features))
         result.features.update_checkpoint(features, rows, base_means.to(device))
         result.residual.update(x, _prompt_of_token(batch, rows))
+        del x, features  # before the next batch's arrive, not when they replace these
         _downstream(result.downstream, bridge, sae, numerics, batch, shard, n_downstream)
     return result

@@ -47,6 +47,7 @@ from ._errors import AquinError
 from ._quiet import quiet_unless_progress
 from ._verbs import verb
 from .results import Dashboards
+from .saes import encode
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def _side_pass(
     with torch.no_grad():
         for batch in tqdm(batches, total=total, desc=f"dashboards ({label})", disable=not progress):
             acts = residual(bridge, batch.tokens, hook).to(sae.W_dec.dtype)
-            stats.update(sae.encode(acts.to(device)), batch.tokens, batch.mask)
+            stats.update(encode(sae, acts.to(device)), batch.tokens, batch.mask)
     return stats
 
 

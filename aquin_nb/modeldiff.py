@@ -625,6 +625,10 @@ def model_diff(
             drift += relative.double().sum(-1).cpu()
             cosine += cosines.double().sum(-1).cpu()
             shift += difference.double().sum(1).cpu()
+            # the batch's logits and activations go before the next batch's forwards
+            # (at a 50,257-token vocabulary the logits are 96 MB a side)
+            del outputs, base_logits, ckpt_logits, base_acts, ckpt_acts
+            del x_base, x_ckpt, difference
     kl_sum, kl_max, kl_count = kl_sums.numpy(), kl_maxes.numpy(), kl_counts.numpy()
     drift_mean, cosine_mean = (drift / n_tokens).numpy(), (cosine / n_tokens).numpy()
 

@@ -364,6 +364,32 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+ENCODE_BYTES = 32 * 2**20  # feature activations `encode` asks SAELens for at a time
+
+
+@torch.no_grad()
+def encode(sae: Any, x: torch.Tensor) -> torch.Tensor:
+    """``sae.encode(x)`` over chunks of rows, each at most `ENCODE_BYTES` of activations.
+
+    SAELens's encode holds two ``[rows, d_sae]`` arrays beside its result (the
+    product, then the bias added, then the activation): a dashboards batch of
+    16 x 128 tokens at 65,536 features is 537 MB each. Every SAE architecture
+    encodes each row on its own (TopK's k is per row), so the chunks, written into
+    one result, equal the single call.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    step = max(1, ENCODE_BYTES // (4 * int(sae.W_dec.shape[0])))
+    if len(rows) <= step:
+        return sae.encode(x)
+    first = sae.encode(rows[:step])
+    out = torch.empty((len(rows), *first.shape[1:]), dtype=first.dtype, device=first.device)
+    out[:step] = first
+    del first
+    for start in range(step, len(rows), step):
+        out[start : start + step] = sae.encode(rows[start : start + step])
+    return out.reshape(*x.shape[:-1], *out.shape[1:])
+
+
 # Below this fraction of nonzero feature activations, `decode` multiplies a sparse
 # copy of them: at 24,576 features and ~64 active per token it is about 2x faster.
 SPARSE_DECODE_DENSITY = 0.05

@@ -108,6 +108,34 @@ def test_attribution_at_65536_features_recovers_a_planted_direction():
 
 
 @pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
+def test_the_chunked_encode_equals_one_saelens_encode(architecture, monkeypatch):
+    """Chunks of 7 rows (an uneven split), 2D and 3D inputs: the same features, to float
+    rounding (a product of 7 rows may sum in another order than one of 50)."""
+    from sae_lens import SAE
+
+    from aquin_nb import saes
+    from aquin_nb.saes import encode
+
+    cfg = {"architecture": architecture, "d_in": 32, "d_sae": 256, "dtype": "float32"}
+    if architecture == "topk":
+        cfg["k"] = 16
+    sae = SAE.from_dict(cfg)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    monkeypatch.setattr(saes, "ENCODE_BYTES", 7 * 4 * 256)
+    for shape in ((50, 32), (3, 17, 32)):
+        x = torch.randn(*shape, generator=generator)
+        with torch.no_grad():
+            expected = sae.encode(x)
+        ours = encode(sae, x)
+        assert ours.shape == expected.shape
+        assert int((ours > 0).sum()) > 0
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)  # GEMM blocking
+
+
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
 def test_the_sparse_decode_equals_saelens_dense_decode(architecture):
     from sae_lens import SAE
 
