@@ -364,7 +364,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-ENCODE_BYTES = 32 * 2**20  # feature activations `encode` asks SAELens for at a time
+ENCODE_BYTES = 128 * 2**20  # feature activations `encode` asks SAELens for at a time
 
 
 @torch.no_grad()
@@ -373,7 +373,8 @@ def encode(sae: Any, x: torch.Tensor) -> torch.Tensor:
 
     SAELens's encode holds two ``[rows, d_sae]`` arrays beside its result (the
     product, then the bias added, then the activation): a dashboards batch of
-    16 x 128 tokens at 65,536 features is 537 MB each. Every SAE architecture
+    16 x 128 tokens at 65,536 features is 537 MB each. A `sae_diff` batch (a few
+    hundred tokens) stays one call. Every SAE architecture
     encodes each row on its own (TopK's k is per row), so the chunks, written into
     one result, equal the single call.
     """
