@@ -107,23 +107,29 @@ def test_attribution_at_65536_features_recovers_a_planted_direction():
     assert attribution.shift[planted] == pytest.approx(0.7, abs=0.02)
 
 
+def _random_sae(architecture: str, d_sae: int, generator: torch.Generator):
+    """A SAELens SAE of ``architecture`` (d_in 32) with every parameter drawn at random."""
+    from sae_lens import SAE
+
+    cfg = {"architecture": architecture, "d_in": 32, "d_sae": d_sae, "dtype": "float32"}
+    if architecture == "topk":
+        cfg["k"] = 16
+    sae = SAE.from_dict(cfg)
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return sae
+
+
 @pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
 def test_the_chunked_encode_equals_one_saelens_encode(architecture, monkeypatch):
     """Chunks of 7 rows (an uneven split), 2D and 3D inputs: the same features, to float
     rounding (a product of 7 rows may sum in another order than one of 50)."""
-    from sae_lens import SAE
-
     from aquin_nb import saes
     from aquin_nb.saes import encode
 
-    cfg = {"architecture": architecture, "d_in": 32, "d_sae": 256, "dtype": "float32"}
-    if architecture == "topk":
-        cfg["k"] = 16
-    sae = SAE.from_dict(cfg)
     generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for parameter in sae.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    sae = _random_sae(architecture, 256, generator)
     monkeypatch.setattr(saes, "ENCODE_BYTES", 7 * 4 * 256)
     for shape in ((50, 32), (3, 17, 32)):
         x = torch.randn(*shape, generator=generator)
@@ -137,18 +143,10 @@ def test_the_chunked_encode_equals_one_saelens_encode(architecture, monkeypatch)
 
 @pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
 def test_the_sparse_decode_equals_saelens_dense_decode(architecture):
-    from sae_lens import SAE
-
     from aquin_nb.saes import decode
 
-    cfg = {"architecture": architecture, "d_in": 32, "d_sae": 2048, "dtype": "float32"}
-    if architecture == "topk":
-        cfg["k"] = 16
-    sae = SAE.from_dict(cfg)
     generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in sae.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    sae = _random_sae(architecture, 2048, generator)
     features = torch.relu(torch.randn(64, 2048, generator=generator) - 2.5)  # ~0.6% nonzero
     assert 0 < torch.count_nonzero(features) / features.numel() < 0.05
     torch.testing.assert_close(decode(sae, features), sae.decode(features), rtol=1e-5, atol=1e-4)
