@@ -158,8 +158,17 @@ def test_largest_accepted_magnitude_is_documented_bound():
     from aquin_nb._checkpoints import MAX_ABS_VALUE, check_tensor_values
 
     check_tensor_values("w", torch.tensor([MAX_ABS_VALUE, -MAX_ABS_VALUE]), "x.pt")
-    with pytest.raises(AquinError, match="beyond"):
-        check_tensor_values("w", torch.tensor([MAX_ABS_VALUE * 1.01]), "x.pt")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for sign in (1, -1):  # either end of the range, whatever the values around it
+            values = torch.zeros(5, 3, dtype=torch.float64)
+            values[2, 1] = sign * MAX_ABS_VALUE * 1.01
+            expected = "NaN or inf" if dtype == torch.float16 else "beyond"  # fp16: inf
+            with pytest.raises(AquinError, match=expected):
+                check_tensor_values("w", values.to(dtype), "x.pt", torch.float64)
+            for bad in (float("nan"), sign * float("inf")):
+                values[2, 1] = bad
+                with pytest.raises(AquinError, match="NaN or inf"):
+                    check_tensor_values("w", values.to(dtype), "x.pt")
 
 
 def test_values_that_overflow_the_model_dtype_are_refused():
