@@ -180,36 +180,52 @@ class _Captured(Exception):
 
 @torch.no_grad()
 def residual(bridge: TransformerBridge, tokens: torch.Tensor, hook_name: str) -> torch.Tensor:
-    """Activations at ``hook_name`` for ``tokens``: ``[batch, pos, d_model]``.
-
-    What ``run_with_cache(names_filter=[hook], stop_at_layer=...)`` returns, read by
-    one hook on the hook point that stops the forward right there. TransformerLens's
-    ``run_with_cache`` rebuilds the bridge's hook and alias maps on every call, 3 ms
-    a call on tiny-gpt2 (a fifth of a batch's forward); the hook point is looked up
-    once per bridge here (`_hook_point`).
-    """
+    """Activations at ``hook_name`` for ``tokens``: ``[batch, pos, d_model]``, as the
+    SAE's numerics want them (`centred`), the forward stopped right after the hook."""
     read_name, _ = read_hook_plan(hook_name)
-    point = _hook_point(bridge, read_name)
-    captured: list[torch.Tensor] = []
+    return centred(bridge, read_hooks(bridge, tokens, [read_name])[read_name])
 
-    def capture(tensor: torch.Tensor, *, hook: Any) -> None:
-        captured.append(tensor.detach())
-        raise _Captured
 
+@torch.no_grad()
+def read_hooks(bridge: Any, tokens: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """What each hook point in ``names`` sees for ``tokens``, the forward stopped once
+    the last of them has fired.
+
+    What ``run_with_cache(names_filter=names, stop_at_layer=...)`` returns, read by
+    one hook on each hook point; the hook that completes the set stops the forward.
+    TransformerLens's ``run_with_cache`` rebuilds the bridge's hook and alias maps on
+    every call, 3 ms a call on tiny-gpt2 (a fifth of a batch's forward); the hook
+    points are looked up once per bridge here (`_hook_point`).
+    """
+    points = {name: _hook_point(bridge, name) for name in names}
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture_as(name: str) -> Any:
+        def capture(tensor: torch.Tensor, *, hook: Any) -> None:
+            captured[name] = tensor.detach()
+            if len(captured) == len(points):
+                raise _Captured
+
+        return capture
+
+    hooks = [(point, capture_as(name)) for name, point in points.items()]
     device = next(bridge.original_model.parameters()).device
-    point.add_hook(capture)
+    for point, hook in hooks:
+        point.add_hook(hook)
     try:
         bridge(tokens.to(device))
     except _Captured:
         pass
     finally:
-        for handle in list(point.fwd_hooks):
-            if handle.user_hook is capture:
-                handle.hook.remove()
-                point.fwd_hooks.remove(handle)
-    if not captured:
-        raise AquinError(f"the model produced no activations at {read_name}")
-    return centred(bridge, captured[0])
+        for point, hook in hooks:
+            for handle in list(point.fwd_hooks):
+                if handle.user_hook is hook:
+                    handle.hook.remove()
+                    point.fwd_hooks.remove(handle)
+    for name in points:
+        if name not in captured:
+            raise AquinError(f"the model produced no activations at {name}")
+    return captured
 
 
 def _hook_point(bridge: Any, name: str) -> Any:

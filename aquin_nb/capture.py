@@ -25,6 +25,7 @@ from ._activations import (
     context_length,
     prepare_bridge,
     read_hook_plan,
+    read_hooks,
     token_batches,
     tokenize_prompts,
 )
@@ -203,7 +204,6 @@ def capture_activations(
         bridge.tokenizer, texts, prepend_bos=first.prepend_bos, max_length=max_length
     )
     plans = {layer: read_hook_plan(numerics[layer].hook_name) for layer in chosen}
-    stop_at = max(stop for _, stop in plans.values())
     names = sorted({read_name for read_name, _ in plans.values()})
     rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in chosen}
     owners: list[torch.Tensor] = []
@@ -211,12 +211,7 @@ def capture_activations(
     batches = token_batches(token_lists, batch_size=batch_size, skip_first=first.prepend_bos)
     total = (len(token_lists) + batch_size - 1) // batch_size
     for batch in tqdm(batches, total=total, desc="capture", disable=not progress):
-        _, cache = bridge.run_with_cache(
-            batch.tokens.to(model_device),
-            names_filter=names,
-            stop_at_layer=stop_at,
-            return_cache_object=False,
-        )
+        cache = read_hooks(bridge, batch.tokens, names)
         mask = batch.mask.to(model_device)
         for layer in chosen:
             acts = cache[plans[layer][0]].float()

@@ -75,6 +75,28 @@ def test_truncated_forward_reads_the_same_activations_as_the_hook_itself():
     )
 
 
+def test_read_hooks_equals_run_with_cache_and_leaves_no_hook_behind():
+    """Several hook points in one stopped forward (capture's read), aliases included,
+    unprocessed and in compatibility mode: the tensors TransformerLens caches."""
+    from aquin_nb._activations import read_hooks
+
+    bridge = load_model("tiny-gpt2")
+    tokens = torch.tensor([[0, 17, 42, 99, 7, 3], [0, 5, 6, 7, 8, 9]])
+    names = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
+    for processed in (False, True):
+        if processed:
+            bridge.enable_compatibility_mode(disable_warnings=True)
+        ours = read_hooks(bridge, tokens, names)
+        _, cache = bridge.run_with_cache(tokens, names_filter=names)
+        assert sorted(ours) == sorted(names)
+        for name in names:
+            torch.testing.assert_close(ours[name], cache[name], rtol=0, atol=0)
+        points = [bridge.hook_dict[name] for name in names]
+        assert not any(point.fwd_hooks for point in points)  # ours were removed
+    with pytest.raises(AquinError, match="no activations at blocks.9.hook_resid_post"):
+        read_hooks(bridge, tokens, ["blocks.9.hook_resid_post"])
+
+
 def test_bos_is_prepended_and_excluded_from_statistics(tiny_hf):
     _, tokenizer = tiny_hf
     [ids] = tokenize_prompts(tokenizer, ["Close the file."], prepend_bos=True, max_length=128)
