@@ -374,12 +374,17 @@ def encode(sae: Any, x: torch.Tensor) -> torch.Tensor:
     SAELens's encode holds two ``[rows, d_sae]`` arrays beside its result (the
     product, then the bias added, then the activation): a dashboards batch of
     16 x 128 tokens at 65,536 features is 537 MB each. A `sae_diff` batch (a few
-    hundred tokens) stays one call. Every SAE architecture
-    encodes each row on its own (TopK's k is per row), so the chunks, written into
-    one result, equal the single call.
+    hundred tokens) stays one call. Every SAE architecture encodes each row on its
+    own (TopK's k is per row), so the chunks, written into one result, equal the
+    single call up to float rounding (a product of fewer rows may sum in another
+    order). Input whose last axis is not the SAE's ``d_in`` (a hook_z SAE that
+    reshapes heads itself) is passed through whole.
     """
-    rows = x.reshape(-1, x.shape[-1])
-    step = max(1, ENCODE_BYTES // (4 * int(sae.W_dec.shape[0])))
+    d_sae, d_in = (int(n) for n in sae.W_dec.shape)
+    if x.shape[-1] != d_in:
+        return sae.encode(x)
+    rows = x.reshape(-1, d_in)
+    step = max(1, ENCODE_BYTES // (4 * d_sae))
     if len(rows) <= step:
         return sae.encode(x)
     first = sae.encode(rows[:step])

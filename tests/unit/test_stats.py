@@ -139,6 +139,11 @@ def test_the_chunked_encode_equals_one_saelens_encode(architecture, monkeypatch)
         assert ours.shape == expected.shape
         assert int((ours > 0).sum()) > 0
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)  # GEMM blocking
+    # heads not yet flattened (a hook_z SAE reshapes them itself): one whole call
+    calls = []
+    sae.encode = lambda x: calls.append(tuple(x.shape)) or torch.zeros(*x.shape[:-2], 256)
+    encode(sae, torch.randn(50, 4, 8))
+    assert calls == [(50, 4, 8)]
 
 
 @pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
