@@ -188,7 +188,7 @@ def _loaded_prefix(base: Any, checkpoint: Any) -> int:
 
     processing = [getattr(bridge, "aquin_processing", None) for bridge in (base, checkpoint)]
     for bridge, settings in zip((base, checkpoint), processing, strict=True):
-        if isinstance(bridge, SwitchedBridge) or not is_bridge(bridge):
+        if isinstance(bridge, SwitchedBridge):
             return 0
         if settings is None and getattr(bridge, "compatibility_mode", True):
             return 0  # processed outside aquin_nb: settings unknown
