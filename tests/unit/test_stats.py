@@ -65,17 +65,21 @@ def test_fit_stats_known_answers():
     assert mean_only.explained_variance() == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("speculate", [1, 3, 16])
-def test_pursuit_picks_what_scikit_learns_omp_picks(speculate, monkeypatch):
+@pytest.mark.parametrize("predict_rows", [1, 8, 24, 1024])
+def test_pursuit_picks_what_scikit_learns_omp_picks(predict_rows, monkeypatch):
     """Random sparse problems: the same rows in the same order as ``orthogonal_mp``,
-    whether every pick gets its own pass over the decoder (``SPECULATE`` 1) or passes
-    multiply guesses that are often wrong (3) or a wide block (16)."""
+    whether each prediction of the picks to come looks at 1 row (so every pick is a
+    miss and gets its own pass over the decoder), 8 or 24 rows (often wrong) or all
+    256 (always right: then two passes suffice, D·target and every pick at once)."""
     from sklearn.linear_model import orthogonal_mp
 
     from aquin_nb import _shift
     from aquin_nb._shift import pursuit
 
-    monkeypatch.setattr(_shift, "SPECULATE", speculate)
+    monkeypatch.setattr(_shift, "PREDICT_ROWS", predict_rows)
+    passes = []
+    scores = _shift._scores
+    monkeypatch.setattr(_shift, "_scores", lambda *a: passes.append(1) or scores(*a))
     rng = np.random.default_rng(0)
     for _ in range(50):
         decoder = rng.standard_normal((256, 32)).astype(np.float32)
@@ -83,12 +87,15 @@ def test_pursuit_picks_what_scikit_learns_omp_picks(speculate, monkeypatch):
         support = rng.choice(256, int(rng.integers(1, 12)), replace=False)
         target = rng.standard_normal(len(support)) @ unit[support]
         target += 0.01 * rng.standard_normal(32)
+        passes.clear()
         ours = pursuit(torch.tensor(decoder), target, 16)
         path = orthogonal_mp(unit.T, target, n_nonzero_coefs=16, return_path=True)
         path = path.reshape(256, -1)[:, : len(ours)]
         chosen = np.flatnonzero(path[:, -1])
         theirs = sorted(chosen, key=lambda f: int(np.argmax(path[f] != 0)))  # pick order
         assert ours == [int(f) for f in theirs]
+        if predict_rows >= 256:  # D·target, then every predicted pick at once (none if
+            assert len(passes) == min(2, len(ours))  # the first pick explains it all)
 
 
 def test_attribution_at_65536_features_recovers_a_planted_direction():
