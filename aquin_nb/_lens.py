@@ -198,8 +198,9 @@ def decode_each(tokenizer: Any, sequences: list[list[int]]) -> list[str]:
     Example:
         >>> import aquin_nb
         >>> tokenizer = aquin_nb.load_model("tiny-gpt2").tokenizer
-        >>> decode_each(tokenizer, [tokenizer.encode(" the cat"), []])
-        [' the cat', '']
+        >>> ids = tokenizer.encode(" the cat", add_special_tokens=False)
+        >>> decode_each(tokenizer, [ids, ids[:1], []])
+        [' the cat', ' the', '']
     """
     if _plain_fast_decode(type(tokenizer)) and not tokenizer.clean_up_tokenization_spaces:
         backend = tokenizer._tokenizer
