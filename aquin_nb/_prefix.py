@@ -48,27 +48,41 @@ def block_list_name(model: Any) -> str | None:
 @torch.no_grad()
 def unchanged_prefix(base: Any, checkpoint: Any) -> int:
     """How many leading blocks ``checkpoint`` shares with ``base``, with what runs before
-    them (the embeddings): 0 when any of that differs."""
+    them (the embeddings): 0 when any of that differs.
+
+    Blocks are compared first, each only while it could still lower the count, so a
+    checkpoint whose first block changed costs one tensor comparison. Only when some
+    tensor outside the blocks differs is it found out which modules run before them
+    (a one-token forward stopped at the first block).
+    """
     blocks = block_list_name(base)
     if blocks is None:
         return 0
-    before_blocks = _parameters_before_blocks(base, blocks)
-    if before_blocks is None:
-        return 0
-    changed = int(base.config.num_hidden_layers)
     checkpoint_parameters = dict(checkpoint.named_parameters())
-    for name, parameter in base.named_parameters():
-        in_blocks = name.startswith(f"{blocks}.")
-        if in_blocks and int(name[len(blocks) + 1 :].split(".", 1)[0]) >= changed:
-            continue  # a block at or past the first changed one cannot lower it
+
+    def same(name: str, parameter: torch.Tensor) -> bool:
         other = checkpoint_parameters.get(name)
-        if other is not None and other.shape == parameter.shape and torch.equal(other, parameter):
+        return (
+            other is not None and other.shape == parameter.shape and torch.equal(other, parameter)
+        )
+
+    changed = int(base.config.num_hidden_layers)
+    outside: list[tuple[str, torch.Tensor]] = []
+    for name, parameter in base.named_parameters():
+        if not name.startswith(f"{blocks}."):
+            outside.append((name, parameter))
             continue
-        if in_blocks:
-            changed = int(name[len(blocks) + 1 :].split(".", 1)[0])
-        elif name in before_blocks:
-            return 0  # the embeddings changed: nothing is shared
-        # else: a module that runs after the blocks (the final norm, an untied head)
+        block = int(name[len(blocks) + 1 :].split(".", 1)[0])
+        if block < changed and not same(name, parameter):
+            changed = block  # a block at or past the first changed one cannot lower it
+            if changed == 0:
+                return 0
+    differing = [name for name, parameter in outside if not same(name, parameter)]
+    if differing:
+        before_blocks = _parameters_before_blocks(base, blocks)
+        if before_blocks is None or any(name in before_blocks for name in differing):
+            return 0  # the embeddings changed (or it is unknown what runs first)
+        # else: modules that run after the blocks (the final norm, an untied head)
     return changed
 
 

@@ -78,12 +78,40 @@ def test_a_changed_embedding_or_first_block_shares_nothing(tiny_hf):
         ("transformer.h.0.ln_1.bias", 0),
         ("transformer.ln_f.weight", 4),
         ("transformer.h.3.mlp.c_fc.weight", 3),
+        ("transformer.h.2.attn.c_proj.bias transformer.wte.weight", 0),
+        ("transformer.h.3.ln_2.weight transformer.ln_f.bias", 3),
     ]:
         tuned = copy.deepcopy(model)
         with torch.no_grad():
-            tuned.get_parameter(name).add_(1e-3)
+            for changed in name.split():
+                tuned.get_parameter(changed).add_(1e-3)
         assert unchanged_prefix(model, tuned) == expected, name
     assert unchanged_prefix(model, copy.deepcopy(model)) == 4
+
+
+def test_the_probe_of_what_runs_first_runs_only_when_a_tensor_outside_the_blocks_differs(
+    tiny_hf, monkeypatch
+):
+    from aquin_nb import _prefix
+
+    model, _ = tiny_hf
+    probes = []
+    probe = _prefix._parameters_before_blocks
+    monkeypatch.setattr(
+        _prefix, "_parameters_before_blocks", lambda *a: probes.append(1) or probe(*a)
+    )
+    for name, runs in [
+        ("transformer.h.0.ln_1.bias transformer.wte.weight", False),  # block 0: nothing shared
+        ("transformer.h.2.mlp.c_fc.weight", False),
+        ("transformer.h.2.mlp.c_fc.weight transformer.ln_f.weight", True),
+    ]:
+        tuned = copy.deepcopy(model)
+        with torch.no_grad():
+            for changed in name.split():
+                tuned.get_parameter(changed).add_(1e-3)
+        probes.clear()
+        unchanged_prefix(model, tuned)
+        assert bool(probes) == runs, name
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
