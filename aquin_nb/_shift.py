@@ -129,16 +129,15 @@ def pursuit(decoder: torch.Tensor, target: np.ndarray, atoms: int) -> list[int]:
     chosen = torch.empty(atoms, len(first), dtype=torch.float64)  # D·b_i of each pick
     multiplied: dict[int, torch.Tensor] = {}  # D·b of every row multiplied so far
     order: list[int] = []
-    basis = torch.zeros(0, len(wanted), dtype=torch.float64)  # the picks' unit rows
+    fit = _Projection(len(wanted), atoms, wanted)
     for _ in range(atoms):
         scores[order] = 0.0
         best = int(scores.abs().argmax())
         if float(scores[best]) == 0.0:
             break
         order.append(best)
-        basis = torch.cat([basis, torch.as_tensor(_unit_rows(decoder, [best]))])
-        coefficients = torch.linalg.lstsq(basis.T, wanted[:, None]).solution[:, 0]
-        residual = wanted - basis.T @ coefficients
+        fit.add(torch.as_tensor(_unit_rows(decoder, [best]))[0])
+        residual, coefficients = fit.residual(), fit.coefficients()
         if 1 - float(residual @ residual) / total >= EXPLAINED_STOP or len(order) == atoms:
             break
         if best not in multiplied:  # the first pick, or a wrong prediction
@@ -154,6 +153,38 @@ def pursuit(decoder: torch.Tensor, target: np.ndarray, atoms: int) -> list[int]:
 PREDICT_ROWS = 1024  # rows of the cheap pursuit that predicts the exact one's picks
 
 
+class _Projection:
+    """The least-squares fit of ``wanted`` on a growing set of rows, through a QR
+    factorisation of them updated one row at a time (Gram-Schmidt, orthogonalised
+    twice: as accurate as a Householder QR), so a pick costs O(d·k), not a solve."""
+
+    def __init__(self, width: int, capacity: int, wanted: torch.Tensor) -> None:
+        self.q = torch.zeros(width, capacity, dtype=torch.float64)  # orthonormal columns
+        self.r = torch.zeros(capacity, capacity, dtype=torch.float64)  # upper triangular
+        self.z = torch.zeros(capacity, dtype=torch.float64)  # Qᵀ·wanted
+        self.wanted = wanted
+        self.size = 0
+
+    def add(self, row: torch.Tensor) -> None:
+        k, q = self.size, self.q[:, : self.size]
+        first = q.T @ row
+        column = row - q @ first
+        again = q.T @ column
+        column -= q @ again
+        self.r[:k, k] = first + again
+        self.r[k, k] = column.norm()
+        self.q[:, k] = column / self.r[k, k].clamp_min(1e-300)
+        self.z[k] = self.q[:, k] @ self.wanted
+        self.size = k + 1
+
+    def residual(self) -> torch.Tensor:
+        return self.wanted - self.q[:, : self.size] @ self.z[: self.size]
+
+    def coefficients(self) -> torch.Tensor:
+        k = self.size
+        return torch.linalg.solve_triangular(self.r[:k, :k], self.z[:k, None], upper=True)[:, 0]
+
+
 def _predicted_picks(
     decoder: torch.Tensor, scores: torch.Tensor, wanted: torch.Tensor, order: list[int], atoms: int
 ) -> list[int]:
@@ -164,7 +195,8 @@ def _predicted_picks(
     ranked = scores.abs()
     ranked[order] = -1.0
     top = ranked.topk(min(PREDICT_ROWS, len(ranked) - len(order))).indices
-    rows = torch.as_tensor(_unit_rows(decoder, top.tolist())).float()  # [rows, d_model]
+    rows = decoder[top.to(decoder.device)].float().cpu()  # [rows, d_model]
+    rows /= rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     spanned = torch.linalg.qr(torch.as_tensor(_unit_rows(decoder, order)).T).Q.float()
     target = wanted.float()
     residual = target - spanned @ (spanned.T @ target)
