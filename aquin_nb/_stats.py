@@ -70,6 +70,11 @@ class PairedFeatureStats:
         prompt_of_token: torch.Tensor,  # [tokens] row index 0..n_rows-1
         n_rows: int,
     ) -> None:
+        if base.is_sparse or checkpoint.is_sparse:
+            if base.is_sparse and checkpoint.is_sparse:
+                self._update_sparse(base, checkpoint, prompt_of_token.cpu(), n_rows)
+                return
+            base, checkpoint = base.to_dense(), checkpoint.to_dense()
         # Reduce in the activations' own dtype within the batch (at most a few thousand
         # tokens), then accumulate across batches in float64: no full-size copies.
         rows = prompt_of_token.to(base.device)
@@ -83,6 +88,29 @@ class PairedFeatureStats:
             part = slice(start, start + FIRING_ROWS)
             per_prompt.index_add_(0, rows[part], checkpoint[part] - base[part])
         per_prompt = (per_prompt / counts).double().cpu()
+        self.diff_sum += per_prompt.sum(0)
+        self.diff_sq_sum += (per_prompt**2).sum(0)
+        self.n_tokens += int(base.shape[0])
+        self.n_prompts += n_rows
+
+    def _update_sparse(
+        self, base: torch.Tensor, checkpoint: torch.Tensor, rows: torch.Tensor, n_rows: int
+    ) -> None:
+        """`update` from sparse COO features (`aquin_nb.saes.sparse_features`): every sum
+        over the nonzero entries only, in float64 (so the paired differences are each
+        side's prompt sums subtracted, exactly zero where the two sides are equal)."""
+        d_sae = int(base.shape[1])
+        per_prompt = torch.zeros((n_rows, d_sae), dtype=torch.float64)
+        sides = ((base, self.base_sum, self.base_fires, -1.0),)
+        sides += ((checkpoint, self.checkpoint_sum, self.checkpoint_fires, 1.0),)
+        for features, total, fires, sign in sides:
+            features = features.coalesce()
+            token, feature = features.indices()
+            values = features.values().double()
+            total += torch.bincount(feature, weights=values, minlength=d_sae)
+            fires += torch.bincount(feature[values > 0], minlength=d_sae).double()
+            per_prompt.index_put_((rows[token], feature), sign * values, accumulate=True)
+        per_prompt /= torch.bincount(rows, minlength=n_rows).clamp_min(1)[:, None]
         self.diff_sum += per_prompt.sum(0)
         self.diff_sq_sum += (per_prompt**2).sum(0)
         self.n_tokens += int(base.shape[0])

@@ -40,7 +40,7 @@ from ._tokenview import LiveDiff
 from ._verbs import verb
 from .results import DISPLAY_COLUMNS, FEATURE_COLUMNS, SaeDiff
 from .saes import decode as sparse_decode
-from .saes import encode
+from .saes import encode, sparse_features
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,10 @@ def sae_diff(
                 x_base = residual(base, batch.tokens, numerics.hook_name)
                 x_ckpt = residual(ckpt, batch.tokens, numerics.hook_name)
             x_base, x_ckpt = x_base[mask].to(sae_dtype), x_ckpt[mask].to(sae_dtype)
-            f_base, f_ckpt = encode(sae_obj, x_base), encode(sae_obj, x_ckpt)
+            # sparse where few features fire: the decode and the statistics then cost
+            # what the firings cost, and the dense arrays go at once
+            f_base = sparse_features(encode(sae_obj, x_base))
+            f_ckpt = sparse_features(encode(sae_obj, x_ckpt))
             base_fit.update(x_base, sparse_decode(sae_obj, f_base))
             checkpoint_fit.update(x_ckpt, sparse_decode(sae_obj, f_ckpt))
             stats.update(f_base, f_ckpt, row_of_token, len(batch.tokens))

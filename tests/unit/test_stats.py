@@ -10,7 +10,12 @@ from scipy import stats
 from aquin_nb._stats import FitStats, PairedFeatureStats
 
 
-def test_paired_pvalues_match_scipy_ttest_rel_in_any_batching():
+def _layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    return tensor.to_sparse() if layout == "sparse" else tensor
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_paired_pvalues_match_scipy_ttest_rel_in_any_batching(layout):
     rng = np.random.default_rng(0)
     n_prompts, d_sae = 12, 5
     tokens_per_prompt = rng.integers(2, 9, size=n_prompts)
@@ -36,22 +41,61 @@ def test_paired_pvalues_match_scipy_ttest_rel_in_any_batching():
             keep = np.isin(owner, prompts)
             rows = torch.as_tensor(owner[keep] - start)
             acc.update(
-                torch.as_tensor(base_all[keep]), torch.as_tensor(ckpt_all[keep]), rows, len(prompts)
+                _layout(torch.as_tensor(base_all[keep]), layout),
+                _layout(torch.as_tensor(ckpt_all[keep]), layout),
+                rows,
+                len(prompts),
             )
         np.testing.assert_allclose(acc.paired_t_pvalues(), expected, rtol=1e-8)
         np.testing.assert_allclose(acc.base_sum.numpy() / acc.n_tokens, base_all.mean(0))
         assert acc.n_prompts == n_prompts and acc.n_tokens == len(owner)
 
 
-def test_identical_sides_give_p_one_and_constant_shift_gives_p_zero():
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_identical_sides_give_p_one_and_constant_shift_gives_p_zero(layout):
     base = torch.rand(10, 3)
     owner = torch.arange(10) // 2
     same = PairedFeatureStats(3)
-    same.update(base, base.clone(), owner, 5)
+    same.update(_layout(base, layout), _layout(base.clone(), layout), owner, 5)
     assert same.paired_t_pvalues().tolist() == [1.0, 1.0, 1.0]
     shifted = PairedFeatureStats(3)
-    shifted.update(base.double(), base.double() + torch.tensor([0.0, 1.0, 0.0]).double(), owner, 5)
+    moved = base.double() + torch.tensor([0.0, 1.0, 0.0]).double()
+    shifted.update(_layout(base.double(), layout), _layout(moved, layout), owner, 5)
     assert shifted.paired_t_pvalues().tolist() == [1.0, 0.0, 1.0]
+
+
+def test_sparse_features_give_the_dense_statistics():
+    """SAE-like float32 features (about 3% firing, a few negative values that are not
+    firings, rows with nothing firing), in three batches: every accumulator from the
+    sparse layout equals the dense one to float32 rounding, and so do mixed layouts."""
+    from aquin_nb.saes import sparse_features
+
+    generator = torch.Generator().manual_seed(3)
+    accumulators = {name: PairedFeatureStats(500) for name in ("dense", "sparse", "mixed")}
+    for n_rows in (3, 5, 1):
+        owner = torch.randint(n_rows, (40,), generator=generator).sort().values
+        base = torch.relu(torch.randn(40, 500, generator=generator) - 1.9)
+        base[5] = 0.0
+        base[7, :3] = -0.5
+        scale = 1 + 0.3 * torch.randn(40, 500, generator=generator)
+        fresh = torch.relu(torch.randn(40, 500, generator=generator) - 2.2)  # new firings
+        ckpt = torch.relu(base * scale + fresh)
+        sparse_base, sparse_ckpt = sparse_features(base), sparse_features(ckpt)
+        assert sparse_base.is_sparse and sparse_ckpt.is_sparse
+        accumulators["dense"].update(base, ckpt, owner, n_rows)
+        accumulators["sparse"].update(sparse_base, sparse_ckpt, owner, n_rows)
+        accumulators["mixed"].update(base, sparse_ckpt, owner, n_rows)
+    dense = accumulators["dense"]
+    assert float(dense.base_fires.sum()) > 0
+    for other in (accumulators["sparse"], accumulators["mixed"]):
+        for name in ("base_sum", "checkpoint_sum", "diff_sum", "diff_sq_sum"):
+            torch.testing.assert_close(
+                getattr(other, name), getattr(dense, name), rtol=1e-5, atol=1e-5
+            )
+        for name in ("base_fires", "checkpoint_fires"):
+            assert torch.equal(getattr(other, name), getattr(dense, name)), name
+        assert (other.n_tokens, other.n_prompts) == (dense.n_tokens, dense.n_prompts)
+        np.testing.assert_allclose(other.paired_t_pvalues(), dense.paired_t_pvalues(), rtol=1e-4)
 
 
 def test_fit_stats_known_answers():
@@ -155,13 +199,16 @@ def test_the_chunked_encode_equals_one_saelens_encode(architecture, monkeypatch)
 
 @pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
 def test_the_sparse_decode_equals_saelens_dense_decode(architecture):
-    from aquin_nb.saes import decode
+    from aquin_nb.saes import decode, sparse_features
 
     generator = torch.Generator().manual_seed(1)
     sae = _random_sae(architecture, 2048, generator)
     features = torch.relu(torch.randn(64, 2048, generator=generator) - 2.5)  # ~0.6% nonzero
     assert 0 < torch.count_nonzero(features) / features.numel() < 0.05
     torch.testing.assert_close(decode(sae, features), sae.decode(features), rtol=1e-5, atol=1e-4)
+    given = sparse_features(features)  # sparse already, as sae_diff passes it
+    assert given.is_sparse
+    torch.testing.assert_close(decode(sae, given), sae.decode(features), rtol=1e-5, atol=1e-4)
     dense = torch.rand(8, 2048, generator=generator)  # every feature on: the dense path
     torch.testing.assert_close(decode(sae, dense), sae.decode(dense))
 
