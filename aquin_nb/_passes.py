@@ -26,7 +26,7 @@ import torch
 from ._activations import TokenBatch, residual, token_batches
 from ._fit import DownstreamStats
 from ._stats import BaseFeatureStats, FitStats, PairedFeatureStats
-from .saes import SaeNumerics, encode
+from .saes import SaeNumerics, encode, sparse_features
 from .saes import decode as sparse_decode
 
 
@@ -124,8 +124,8 @@ def _prompt_of_token(batch: TokenBatch, rows: torch.Tensor) -> torch.Tensor:
 
 def _features(bridge: Any, sae: Any, numerics: SaeNumerics, batch: TokenBatch, mask: torch.Tensor):
     x = residual(bridge, batch.tokens, numerics.hook_name)[mask].to(sae.W_dec.dtype)
-    features = encode(sae, x)
-    return x, features
+    # sparse where few fire: decode and statistics cost what the firings cost
+    return x, sparse_features(encode(sae, x))
 
 
 def _downstream(

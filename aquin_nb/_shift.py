@@ -189,12 +189,16 @@ def _predicted_picks(
     decoder: torch.Tensor, scores: torch.Tensor, wanted: torch.Tensor, order: list[int], atoms: int
 ) -> list[int]:
     """The picks after ``order`` of a pursuit of ``wanted`` over only the `PREDICT_ROWS`
-    rows with the largest ``|scores|``: the exact pursuit's next picks for as long as
-    each lies among those rows, found without a pass of the decoder. Float32 is enough
-    for a prediction; the residual is kept orthogonal to the picks by Gram-Schmidt."""
+    rows with the largest ``|scores|`` (every row of a decoder of at most four times
+    that): the exact pursuit's next picks for as long as each lies among those rows,
+    found without a pass of the decoder. Float32 is enough for a prediction; the
+    residual is kept orthogonal to the picks by Gram-Schmidt."""
     ranked = scores.abs()
     ranked[order] = -1.0
-    top = ranked.topk(min(PREDICT_ROWS, len(ranked) - len(order))).indices
+    # a small decoder is predicted from every row: a pass over it is cheap, a miss
+    # costs a whole new prediction
+    limit = len(ranked) if len(ranked) <= 4 * PREDICT_ROWS else PREDICT_ROWS
+    top = ranked.topk(min(limit, len(ranked) - len(order))).indices
     rows = decoder[top.to(decoder.device)].float().cpu()  # [rows, d_model]
     rows /= rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     spanned = torch.linalg.qr(torch.as_tensor(_unit_rows(decoder, order)).T).Q.float()

@@ -28,8 +28,12 @@ def _tokens(seed: int, n_prompts: int = 10, d_sae: int = 6):
     return torch.as_tensor(base), torch.as_tensor(checkpoint), torch.as_tensor(owner)
 
 
-def test_merged_shards_equal_one_pass_and_the_base_side_pairs_like_update():
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_merged_shards_equal_one_pass_and_the_base_side_pairs_like_update(layout):
+    """The trajectory's base side and checkpoint side, fed dense features or sparse ones
+    (`sparse_features`, as the passes feed them where few fire), against one dense pass."""
     base, checkpoint, owner = _tokens(0)
+    base[base < 0.7] = 0.0  # about half not firing
     whole = PairedFeatureStats(6)
     whole.update(base, checkpoint, owner, 10)
     # Two prompt shards, each as the trajectory computes it: base once, checkpoint against it.
@@ -38,9 +42,10 @@ def test_merged_shards_equal_one_pass_and_the_base_side_pairs_like_update():
         keep = (owner >= prompts.start) & (owner < prompts.stop)
         rows = owner[keep] - prompts.start
         base_side = BaseFeatureStats(6)
-        base_side.update(base[keep], rows, len(prompts))
+        as_given = (lambda t: t.to_sparse()) if layout == "sparse" else (lambda t: t)
+        base_side.update(as_given(base[keep]), rows, len(prompts))
         part = base_side.paired()
-        part.update_checkpoint(checkpoint[keep], rows, base_side.batch_means[0])
+        part.update_checkpoint(as_given(checkpoint[keep]), rows, base_side.batch_means[0])
         merged = part if merged is None else merged.merge(part)
     assert merged is not None
     for name in ("base_sum", "checkpoint_sum", "base_fires", "checkpoint_fires", "diff_sum"):
