@@ -62,7 +62,14 @@ _TRAJECTORY_DTYPES: dict[str, dict[str, Any]] = {
 def typed_trajectory_frame(name: str, frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with the dtypes `SaeTrajectory` documents (JSON nulls become NaN in floats)."""
     dtypes = _TRAJECTORY_DTYPES[name]
-    frame = frame.astype({column: dtypes[column] for column in frame.columns if column in dtypes})
+    differ = {
+        column: dtypes[column]
+        for column in frame.columns
+        if column in dtypes and frame[column].dtype != pd.api.types.pandas_dtype(dtypes[column])
+    }
+    # an astype of columns already typed costs as much as a real one: only the others;
+    # either way a new frame, so the caller's is never changed below
+    frame = frame.astype(differ) if differ else frame.copy(deep=False)
     for column in frame.columns:  # text columns hold None, not NaN, where a value is missing
         if dtypes.get(column) is object:
             values = [None if _missing(v) else v for v in frame[column]]
