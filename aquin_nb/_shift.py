@@ -135,8 +135,9 @@ def pursuit(decoder: torch.Tensor, target: np.ndarray, atoms: int) -> list[int]:
         best = int(scores.abs().argmax())
         if float(scores[best]) == 0.0:
             break
+        if not fit.add(torch.as_tensor(_unit_rows(decoder, [best]))[0]):
+            break  # in the span of the picks already (as scikit-learn, stop there)
         order.append(best)
-        fit.add(torch.as_tensor(_unit_rows(decoder, [best]))[0])
         residual, coefficients = fit.residual(), fit.coefficients()
         if 1 - float(residual @ residual) / total >= EXPLAINED_STOP or len(order) == atoms:
             break
@@ -151,6 +152,7 @@ def pursuit(decoder: torch.Tensor, target: np.ndarray, atoms: int) -> list[int]:
 
 
 PREDICT_ROWS = 1024  # rows of the cheap pursuit that predicts the exact one's picks
+DEPENDENT = 1e-6  # a unit row this close to the span of the picks (float32 rounding) adds nothing
 
 
 class _Projection:
@@ -165,17 +167,23 @@ class _Projection:
         self.wanted = wanted
         self.size = 0
 
-    def add(self, row: torch.Tensor) -> None:
+    def add(self, row: torch.Tensor) -> bool:
+        """Add a unit ``row``; False (and nothing added) when it lies in the span of the
+        rows already added, to rounding (a dictionary of lower rank than its width)."""
         k, q = self.size, self.q[:, : self.size]
         first = q.T @ row
         column = row - q @ first
         again = q.T @ column
         column -= q @ again
+        height = column.norm()
+        if float(height) <= DEPENDENT:
+            return False
         self.r[:k, k] = first + again
-        self.r[k, k] = column.norm()
-        self.q[:, k] = column / self.r[k, k].clamp_min(1e-300)
+        self.r[k, k] = height
+        self.q[:, k] = column / height
         self.z[k] = self.q[:, k] @ self.wanted
         self.size = k + 1
+        return True
 
     def residual(self) -> torch.Tensor:
         return self.wanted - self.q[:, : self.size] @ self.z[: self.size]
@@ -213,9 +221,11 @@ def _predicted_picks(
         pick = int(candidates.argmax())
         if float(candidates[pick]) <= 0.0:  # nothing left to explain among these rows
             break
-        picks.append(pick)
         direction = rows[pick] - spanned @ (spanned.T @ rows[pick])
-        direction = direction / direction.norm().clamp_min(1e-12)
+        if float(direction.norm()) <= 1e-4:  # in the span (to float32 rounding): stop
+            break
+        picks.append(pick)
+        direction = direction / direction.norm()
         spanned = torch.cat([spanned, direction[:, None]], dim=1)
         residual = residual - direction * (direction @ residual)
     return [int(top[pick]) for pick in picks]

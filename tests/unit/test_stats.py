@@ -142,6 +142,32 @@ def test_pursuit_picks_what_scikit_learns_omp_picks(predict_rows, monkeypatch):
             assert len(passes) == min(2, len(ours))  # the first pick explains it all)
 
 
+def test_pursuit_stops_where_the_dictionary_has_no_more_rank():
+    """64 rows spanning 8 of 32 dimensions: after 8 picks every other row lies in their
+    span (to float32 rounding), so the pursuit stops there, with scikit-learn's 8 picks
+    (scikit-learn also stops early, with a warning), and the per-prompt fit is finite."""
+    import warnings
+
+    from sklearn.linear_model import orthogonal_mp
+
+    from aquin_nb._shift import attribute, pursuit
+
+    rng = np.random.default_rng(4)
+    decoder = (rng.standard_normal((64, 8)) @ rng.standard_normal((8, 32))).astype(np.float32)
+    target = rng.standard_normal(32)  # mostly outside the rows' span
+    ours = pursuit(torch.tensor(decoder), target, 16)
+    unit = decoder.astype(np.float64) / np.linalg.norm(decoder, axis=1, keepdims=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ended prematurely due to linear dependence"
+        path = orthogonal_mp(unit.T, target, n_nonzero_coefs=8, return_path=True)
+    path = path.reshape(64, -1)
+    theirs = sorted(np.flatnonzero(path[:, -1]), key=lambda f: int(np.argmax(path[f] != 0)))
+    assert ours == [int(f) for f in theirs] and len(ours) == 8
+    attribution = attribute(rng.standard_normal((5, 32)), torch.tensor(decoder))
+    assert len(attribution.support) == 8
+    assert np.isfinite(attribution.shift).all() and np.abs(attribution.shift).max() < 100
+
+
 def test_attribution_at_65536_features_recovers_a_planted_direction():
     """scikit-learn's path would need a 65,536² float64 array (32 GiB) here."""
     from aquin_nb._shift import attribute
