@@ -202,14 +202,14 @@ def decode_each(tokenizer: Any, sequences: list[list[int]]) -> list[str]:
         >>> decode_each(tokenizer, [ids, ids[:1], []])
         [' the cat', ' the', '']
     """
-    if _plain_fast_decode(type(tokenizer)) and not tokenizer.clean_up_tokenization_spaces:
+    if _plain_fast_decode(tokenizer.__class__) and not tokenizer.clean_up_tokenization_spaces:
         backend = tokenizer._tokenizer
         return [backend.decode(ids, skip_special_tokens=False) for ids in sequences]
     return [tokenizer.decode(ids) for ids in sequences]
 
 
 @functools.lru_cache(maxsize=32)
-def _plain_fast_decode(kind: type) -> bool:
+def _plain_fast_decode(kind: Any) -> bool:
     try:
         from transformers.tokenization_utils_base import PreTrainedTokenizerBase
         from transformers.tokenization_utils_tokenizers import TokenizersBackend

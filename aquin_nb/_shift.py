@@ -212,7 +212,7 @@ def _predicted_picks(
     spanned = torch.linalg.qr(torch.as_tensor(_unit_rows(decoder, order)).T).Q.float()
     target = wanted.float()
     residual = target - spanned @ (spanned.T @ target)
-    total, picks = float(target @ target), []
+    total, picks = float(target @ target), list[int]()
     for _ in range(min(atoms - len(order), len(rows))):
         if 1 - float(residual @ residual) / total >= EXPLAINED_STOP:
             break

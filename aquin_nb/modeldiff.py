@@ -103,11 +103,11 @@ class _TopTokens:
 
     def rows(self, token_lists: list[list[int]], tokenizer: Any) -> list[dict[str, Any]]:
         found = sorted(self.heap, reverse=True)
-        pieces = []  # per row: the context before, the token, and each model's guess
-        for _, prompt, position, base_next, ckpt_next in found:
+        pieces: list[list[int]] = []  # per row: the context before, the token, both guesses
+        for _, prompt, position, base_id, ckpt_id in found:
             ids = token_lists[prompt]
-            before = ids[max(1, position - CONTEXT_BEFORE) : position]
-            pieces += [before, [ids[position]], [base_next], [ckpt_next]]
+            pieces += [ids[max(1, position - CONTEXT_BEFORE) : position], [ids[position]]]
+            pieces += [[base_id], [ckpt_id]]
         text = iter(decode_each(tokenizer, pieces))
         rows = []
         for kl, prompt, position, _, _ in found:
