@@ -38,6 +38,18 @@ def test_sae_diff_in_half_precision_finds_the_plant(
     )
 
 
+def test_a_half_precision_sae_finds_the_plant(planted_pt, planted_feature, float32_diff):
+    """A bfloat16 SAE on the CPU: its features are kept sparse for the statistics and
+    decoded dense (torch has no sparse bfloat16 product there)."""
+    sae = aquin_nb.load_sae("tiny-gpt2").to(torch.bfloat16)
+    diff = sae_diff("tiny-gpt2", planted_pt, sae=sae, fit="off", progress=False)
+    assert int(diff.top(1)["feature"][0]) == planted_feature
+    ours = diff.features.set_index("feature").sort_index()["delta"].to_numpy()
+    full = float32_diff.features.set_index("feature").sort_index()["delta"].to_numpy()
+    assert np.corrcoef(ours, full)[0, 1] > 0.98
+    assert 0 < diff.summary["fit"]["base"]["explained_variance"] <= 1
+
+
 def test_a_half_precision_adapter_switch_matches_its_merged_copy(tmp_path, tiny_hf):
     """The adapter is switched on one bfloat16 model (merged deltas rounded to bfloat16)."""
     import copy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -235,6 +237,13 @@ def test_the_sparse_decode_equals_saelens_dense_decode(architecture):
     given = sparse_features(features)  # sparse already, as sae_diff passes it
     assert given.is_sparse
     torch.testing.assert_close(decode(sae, given), sae.decode(features), rtol=1e-5, atol=1e-4)
+    for half in (torch.bfloat16, torch.float16):  # no sparse half product on the CPU: dense
+        sae_half = copy.deepcopy(sae).to(half)
+        sparse_half = sparse_features(features.to(half))
+        assert sparse_half.is_sparse
+        torch.testing.assert_close(
+            decode(sae_half, sparse_half), sae_half.decode(features.to(half))
+        )
     dense = torch.rand(8, 2048, generator=generator)  # every feature on: the dense path
     torch.testing.assert_close(decode(sae, dense), sae.decode(dense))
 
