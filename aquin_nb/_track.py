@@ -66,18 +66,15 @@ def tracked_after(
     """
     known = set(tracked)
     result = list(tracked)
-    moved = frame[frame["abs_delta"] > 0]
-    top = list(moved["feature"].head(top_k))
+    feature = frame["feature"].to_numpy()
+    top = feature[frame["abs_delta"].to_numpy() > 0][:top_k].tolist()
     if "shift" in frame:
-        pushed = frame.loc[frame["shift"] != 0, ["feature", "shift"]]
-        by_shift = pushed.assign(size=pushed["shift"].abs()).sort_values(
-            ["size", "feature"], ascending=[False, True], kind="stable"
-        )
-        top += list(by_shift["feature"].head(top_k))
-    for candidates, room in (
-        (top, max_features),
-        (list(frame.loc[frame["changed"], "feature"]), max(1, max_features // 2)),
-    ):
+        shift = frame["shift"].to_numpy()
+        pushed = shift != 0
+        by_shift = feature[pushed][np.lexsort((feature[pushed], -np.abs(shift[pushed])))]
+        top += by_shift[:top_k].tolist()  # by |shift| descending, ties by feature
+    changed = feature[frame["changed"].to_numpy(dtype=bool)].tolist()
+    for candidates, room in ((top, max_features), (changed, max(1, max_features // 2))):
         for feature in candidates:
             if len(result) >= room:
                 break

@@ -96,6 +96,37 @@ def test_tracking_top_features_first_changed_ones_in_half_the_room():
     assert tracked_after([], still, top_k=3, max_features=4) == []  # nothing moved: no rows
 
 
+def test_tracking_equals_its_definition_on_random_frames():
+    """Random frames (ties in |delta| and |shift|, signed shifts, zeros): the tracked list is
+    the definition spelled out in plain Python: top_k by |delta| (the frame's order), then
+    top_k non-zero shifts by |shift| with ties by feature, while fewer than max_features
+    are tracked; then changed features while fewer than half are."""
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        d_sae = int(rng.integers(1, 40))
+        deltas = {f: float(rng.choice([0.0, 0.5, 1.0, rng.normal()])) for f in range(d_sae)}
+        frame = _frame(deltas, {f for f in range(d_sae) if rng.random() < 0.3}, d_sae)
+        shifts = rng.choice([0.0, 0.0, 0.25, -0.25, 1.0], size=d_sae) * rng.random(d_sae).round(1)
+        frame = frame.assign(shift=shifts[frame["feature"].to_numpy()])
+        tracked = [int(f) for f in rng.choice(60, int(rng.integers(0, 5)), replace=False)]
+        top_k, max_features = int(rng.integers(1, 6)), int(rng.integers(1, 12))
+        rows = list(frame.itertuples(index=False))
+        top = [r.feature for r in rows if r.abs_delta > 0][:top_k]
+        pushed = sorted((r for r in rows if r.shift != 0), key=lambda r: (-abs(r.shift), r.feature))
+        top += [r.feature for r in pushed][:top_k]
+        expected = list(tracked)
+        for candidates, room in (
+            (top, max_features),
+            ([r.feature for r in rows if r.changed], max(1, max_features // 2)),
+        ):
+            for feature in candidates:
+                if len(expected) >= room:
+                    break
+                if int(feature) not in expected:
+                    expected.append(int(feature))
+        assert tracked_after(tracked, frame, top_k, max_features) == expected
+
+
 def test_steps_grow_rows_for_tracked_features_and_first_changed_steps():
     trajectory = empty_trajectory({"tracking": {"top_k": 1, "max_features": 10}})
     steps = [
