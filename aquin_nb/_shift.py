@@ -222,10 +222,11 @@ def _predicted_picks(
         if float(candidates[pick]) <= 0.0:  # nothing left to explain among these rows
             break
         direction = rows[pick] - spanned @ (spanned.T @ rows[pick])
-        if float(direction.norm()) <= 1e-4:  # in the span (to float32 rounding): stop
+        height = direction.norm()
+        if float(height) <= 1e-4:  # in the span (to float32 rounding): stop
             break
         picks.append(pick)
-        direction = direction / direction.norm()
+        direction = direction / height
         spanned = torch.cat([spanned, direction[:, None]], dim=1)
         residual = residual - direction * (direction @ residual)
     return [int(top[pick]) for pick in picks]

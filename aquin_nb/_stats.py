@@ -47,26 +47,26 @@ def firing_counts(activations: torch.Tensor) -> torch.Tensor:
     return counts.double().cpu()
 
 
-def sparse_sums(
+def side_sums(
     features: torch.Tensor, prompt_of_token: torch.Tensor, n_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From sparse COO features ``[tokens, d_sae]`` (`aquin_nb.saes.sparse_features`):
-    the per-feature sums, the firing counts (values above zero) and each row's sums
-    ``[n_rows, d_sae]``, all float64 on the CPU, computed from the nonzero entries
-    only."""
+    """One side's batch: per-feature sums and firing counts (float64 on the CPU) and each
+    row's mean activation ``[n_rows, d_sae]``. From dense features, the means are in
+    their dtype and device; from sparse COO ones (`aquin_nb.saes.sparse_features`),
+    everything comes from the nonzero entries only, in float64 on the CPU."""
+    if not features.is_sparse:
+        total = features.sum(0).double().cpu()
+        return total, firing_counts(features), prompt_means(features, prompt_of_token, n_rows)
     d_sae = int(features.shape[1])
     features = features.coalesce()
     token, feature = features.indices()
     values = features.values().double()
     total = torch.bincount(feature, weights=values, minlength=d_sae)
     fires = torch.bincount(feature[values > 0], minlength=d_sae).double()
-    per_row = torch.zeros((n_rows, d_sae), dtype=torch.float64)
-    per_row.index_put_((prompt_of_token.cpu()[token], feature), values, accumulate=True)
-    return total, fires, per_row
-
-
-def _row_counts(prompt_of_token: torch.Tensor, n_rows: int) -> torch.Tensor:
-    return torch.bincount(prompt_of_token.cpu(), minlength=n_rows).clamp_min(1)[:, None]
+    rows = prompt_of_token.cpu()
+    sums = torch.zeros((n_rows, d_sae), dtype=torch.float64)
+    sums.index_put_((rows[token], feature), values, accumulate=True)
+    return total, fires, sums / torch.bincount(rows, minlength=n_rows).clamp_min(1)[:, None]
 
 
 class PairedFeatureStats:
@@ -119,15 +119,15 @@ class PairedFeatureStats:
         self, base: torch.Tensor, checkpoint: torch.Tensor, rows: torch.Tensor, n_rows: int
     ) -> None:
         """`update` from sparse COO features: every sum over the nonzero entries only,
-        in float64 (so the paired differences are each side's prompt sums subtracted,
-        exactly zero where the two sides are equal)."""
-        base_total, base_fires, base_rows = sparse_sums(base, rows, n_rows)
-        ckpt_total, ckpt_fires, ckpt_rows = sparse_sums(checkpoint, rows, n_rows)
+        in float64 (so the paired differences are exactly zero where the two sides are
+        equal)."""
+        base_total, base_fires, base_means = side_sums(base, rows, n_rows)
+        ckpt_total, ckpt_fires, ckpt_means = side_sums(checkpoint, rows, n_rows)
         self.base_sum += base_total
         self.checkpoint_sum += ckpt_total
         self.base_fires += base_fires
         self.checkpoint_fires += ckpt_fires
-        per_prompt = (ckpt_rows - base_rows) / _row_counts(rows, n_rows)
+        per_prompt = ckpt_means - base_means
         self.diff_sum += per_prompt.sum(0)
         self.diff_sq_sum += (per_prompt**2).sum(0)
         self.n_tokens += int(base.shape[0])
@@ -145,15 +145,9 @@ class PairedFeatureStats:
         the paired differences are the checkpoint's prompt means minus the base's.
         """
         n_rows = int(base_prompt_means.shape[0])
-        if checkpoint.is_sparse:  # `aquin_nb.saes.sparse_features`
-            total, fires, sums = sparse_sums(checkpoint, prompt_of_token, n_rows)
-            self.checkpoint_sum += total
-            self.checkpoint_fires += fires
-            means = sums / _row_counts(prompt_of_token, n_rows)
-        else:
-            self.checkpoint_sum += checkpoint.sum(0).double().cpu()
-            self.checkpoint_fires += firing_counts(checkpoint)
-            means = prompt_means(checkpoint, prompt_of_token, n_rows)
+        total, fires, means = side_sums(checkpoint, prompt_of_token, n_rows)
+        self.checkpoint_sum += total
+        self.checkpoint_fires += fires
         per_prompt = means.double().cpu() - base_prompt_means.double().cpu()
         self.diff_sum += per_prompt.sum(0)
         self.diff_sq_sum += (per_prompt**2).sum(0)
@@ -252,15 +246,10 @@ class BaseFeatureStats:
         n_rows: int,
     ) -> None:
         """Add one batch of base features, dense or sparse (`aquin_nb.saes.sparse_features`)."""
-        if base.is_sparse:
-            total, fires, sums = sparse_sums(base, prompt_of_token, n_rows)
-            self.base_sum += total
-            self.base_fires += fires
-            self.batch_means.append((sums / _row_counts(prompt_of_token, n_rows)).float())
-        else:
-            self.base_sum += base.sum(0).double().cpu()
-            self.base_fires += firing_counts(base)
-            self.batch_means.append(prompt_means(base, prompt_of_token, n_rows).float().cpu())
+        total, fires, means = side_sums(base, prompt_of_token, n_rows)
+        self.base_sum += total
+        self.base_fires += fires
+        self.batch_means.append(means.float().cpu())
         self.n_tokens += int(base.shape[0])
         self.n_prompts += n_rows
 

@@ -426,10 +426,10 @@ def decode(sae: Any, features: torch.Tensor) -> torch.Tensor:
     """``sae.decode(features)``, through a sparse copy of ``features`` when few are nonzero.
 
     ``features`` may already be sparse (`sparse_features`); half-precision ones are
-    decoded dense (torch has no sparse half-precision product on the CPU). SAELens's decode starts
-    with ``features @ W_dec``, which torch runs on a sparse CSR matrix as well; the
-    rest of it (``b_dec``, hooks, out-normalisation) is unchanged. The result equals
-    the dense decode up to float summation order.
+    decoded dense (torch has no sparse half-precision product on the CPU). SAELens's
+    decode starts with ``features @ W_dec``, which torch runs on a sparse CSR matrix
+    as well; the rest of it (``b_dec``, hooks, out-normalisation) is unchanged. The
+    result equals the dense decode up to float summation order.
     """
     if features.dtype not in (torch.float32, torch.float64):  # no sparse CPU kernel
         return sae.decode(features.to_dense() if features.is_sparse else features)
