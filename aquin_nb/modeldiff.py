@@ -126,35 +126,46 @@ class _TopTokens:
         return rows
 
 
-def _residuals_and_logits(bridge: Any, tokens: torch.Tensor, hooks: list[Any]):
-    """Logits, and the residual stream after every block read off its hook point."""
+def _residuals_and_logits(bridge: Any, tokens: torch.Tensor, mask: torch.Tensor, hooks: list[Any]):
+    """Logits at the real positions (``mask``), flat ``[positions, vocab]`` in the
+    order of ``mask.nonzero()``, and the residual stream after every block read
+    off its hook point.
+
+    The unembedding is handed only the real positions' final-normed stream (a
+    pre-hook on the model's output embedding), so padding and BOS cost no
+    logits; what the model does after the unembedding (Gemma 2's logit
+    soft-capping) still applies, as it is the model's own forward.
+    """
     captured: list[torch.Tensor] = []
     handles = [
         hook.register_forward_hook(lambda module, args, output: captured.append(output))
         for hook in hooks
     ]
+
+    def real_positions(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][mask.to(args[0].device)][None], *args[1:])
+
+    unembedding = bridge.original_model.get_output_embeddings()
+    handles.append(unembedding.register_forward_pre_hook(real_positions))
     try:
         device = next(bridge.original_model.parameters()).device
         logits = bridge(tokens.to(device), return_type="logits")
     finally:
         for handle in handles:
             handle.remove()
-    return logits, captured
+    return logits[0], captured
 
 
-def _next_token_kls(
-    base_logits: torch.Tensor, ckpt_logits: torch.Tensor, where: torch.Tensor
-) -> torch.Tensor:
-    """KL(base ‖ checkpoint) at the flat positions ``where``, in row chunks small
-    enough to stay in cache (no copy of the batch's logits)."""
+def _next_token_kls(base_logits: torch.Tensor, ckpt_logits: torch.Tensor) -> torch.Tensor:
+    """KL(base ‖ checkpoint) per row of two ``[positions, vocab]`` logit arrays, in row
+    chunks small enough to stay in cache."""
     vocab = base_logits.shape[-1]
-    base_flat = base_logits.reshape(-1, vocab)
-    ckpt_flat = ckpt_logits.reshape(-1, vocab).to(base_logits.device)
+    ckpt_logits = ckpt_logits.to(base_logits.device)
     rows = max(1, KL_CHUNK_BYTES // (4 * vocab))
-    parts = []
-    for start in range(0, len(where), rows):
-        chosen = where[start : start + rows]
-        parts.append(_next_token_kl(base_flat[chosen], ckpt_flat[chosen]).cpu())
+    parts = [
+        _next_token_kl(base_logits[start : start + rows], ckpt_logits[start : start + rows]).cpu()
+        for start in range(0, len(base_logits), rows)
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
@@ -167,13 +178,11 @@ def _next_token_kl(base_logits: torch.Tensor, ckpt_logits: torch.Tensor) -> torc
 
 
 def _guesses(
-    base_logits: torch.Tensor, ckpt_logits: torch.Tensor, where: torch.Tensor, chosen: torch.Tensor
+    base_logits: torch.Tensor, ckpt_logits: torch.Tensor, chosen: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each model's most likely next token at the flat positions ``where[chosen]``."""
-    where = where[chosen.to(where.device)]
-    vocab = base_logits.shape[-1]
-    base_rows = base_logits.reshape(-1, vocab)[where]
-    ckpt_rows = ckpt_logits.reshape(-1, vocab)[where.to(ckpt_logits.device)]
+    """Each model's most likely next token at the rows ``chosen`` of the flat logits."""
+    base_rows = base_logits[chosen.to(base_logits.device)]
+    ckpt_rows = ckpt_logits[chosen.to(ckpt_logits.device)]
     return base_rows.argmax(-1).cpu(), ckpt_rows.argmax(-1).cpu()
 
 
@@ -604,22 +613,19 @@ def model_diff(
             # then changes side once a batch, not twice
             order = 1 if number % 2 == 0 else -1
             sides = [(base, base_hooks), (ckpt, ckpt_hooks)][::order]
-            outputs = [_residuals_and_logits(side, batch.tokens, hooks) for side, hooks in sides]
+            outputs = [
+                _residuals_and_logits(side, batch.tokens, batch.mask, hooks)
+                for side, hooks in sides
+            ]
             (base_logits, base_acts), (ckpt_logits, ckpt_acts) = outputs[::order]
-            mask = batch.mask.to(base_logits.device)
+            mask = batch.mask.to(base_acts[0].device)
             rows, positions = batch.mask.nonzero(as_tuple=True)
             prompts = batch.prompt_index[rows]
-            where = mask.reshape(-1).nonzero()[:, 0]
-            kl = _next_token_kls(base_logits, ckpt_logits, where)
+            kl = _next_token_kls(base_logits, ckpt_logits)
             kl_sums.index_add_(0, prompts, kl)
             kl_counts.index_add_(0, prompts, torch.ones_like(kl))
             kl_maxes.scatter_reduce_(0, prompts, kl, reduce="amax")
-            top.offer(
-                kl,
-                prompts,
-                positions,
-                functools.partial(_guesses, base_logits, ckpt_logits, where),
-            )
+            top.offer(kl, prompts, positions, functools.partial(_guesses, base_logits, ckpt_logits))
             n_tokens += len(kl)
             # every layer at once: [layers, real positions, d_model]
             x_base = torch.stack(base_acts)[:, mask].float()

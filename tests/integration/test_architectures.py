@@ -245,6 +245,34 @@ def test_model_diff_names_the_planted_tensors_and_block(zoo):
     assert same.summary["n_modules_changed"] == 0 and same.summary["mean_kl"] == 0.0
 
 
+def test_model_diff_reads_the_full_forwards_logits_at_the_real_positions(zoo):
+    """model_diff hands the unembedding only the real positions; the logits it gets
+    are the full forward's there, with what the model applies after the
+    unembedding (Gemma 2's soft-capping, made strong here so that it shows), and
+    the residuals are the hook points' own."""
+    from aquin_nb.modeldiff import _residuals_and_logits
+
+    bridge = aquin_nb.load_model(zoo.model_dir, device="cpu")
+    config = bridge.original_model.config
+    if getattr(config, "final_logit_softcapping", None):
+        config.final_logit_softcapping = 0.05
+    token_lists = tokenize_prompts(
+        bridge.tokenizer, PROMPTS[:24], prepend_bos=True, max_length=SAE_CONTEXT
+    )
+    batch = next(token_batches(token_lists, batch_size=8, skip_first=True))
+    assert not batch.mask[:, 1:].all()  # padding to leave out
+    hooks = [block.hook_out for block in bridge.blocks]
+    with torch.no_grad():
+        logits, residuals = _residuals_and_logits(bridge, batch.tokens, batch.mask, hooks)
+        full, cache = bridge.run_with_cache(batch.tokens)
+    assert logits.shape == (int(batch.mask.sum()), full.shape[-1])
+    torch.testing.assert_close(logits, full[batch.mask], rtol=1e-5, atol=1e-5)
+    if zoo.arch.model_type == "gemma2":
+        assert float(full.abs().max()) <= 0.05 + 1e-6
+    for layer, stream in enumerate(residuals):
+        torch.testing.assert_close(stream, cache[f"blocks.{layer}.hook_resid_post"])
+
+
 def test_capture_writes_the_bridge_activations_and_sae_features(zoo, tmp_path):
     capture = capture_activations(
         zoo.model_dir,
