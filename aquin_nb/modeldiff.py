@@ -129,26 +129,27 @@ class _TopTokens:
 def _residuals_and_logits(bridge: Any, tokens: torch.Tensor, mask: torch.Tensor, hooks: list[Any]):
     """Logits at the real positions (``mask``), flat ``[positions, vocab]`` in the
     order of ``mask.nonzero()``, and the residual stream after every block read
-    off its hook point.
+    off its hook point at those positions (``[positions, d_model]`` each).
 
     The unembedding is handed only the real positions' final-normed stream (a
     pre-hook on the model's output embedding), so padding and BOS cost no
     logits; what the model does after the unembedding (Gemma 2's logit
     soft-capping) still applies, as it is the model's own forward.
     """
+    device = next(bridge.original_model.parameters()).device
+    mask = mask.to(device)
     captured: list[torch.Tensor] = []
     handles = [
-        hook.register_forward_hook(lambda module, args, output: captured.append(output))
+        hook.register_forward_hook(lambda module, args, output: captured.append(output[mask]))
         for hook in hooks
     ]
 
     def real_positions(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (args[0][mask.to(args[0].device)][None], *args[1:])
+        return (args[0][mask][None], *args[1:])
 
     unembedding = bridge.original_model.get_output_embeddings()
     handles.append(unembedding.register_forward_pre_hook(real_positions))
     try:
-        device = next(bridge.original_model.parameters()).device
         logits = bridge(tokens.to(device), return_type="logits")
     finally:
         for handle in handles:
@@ -273,15 +274,15 @@ def _row_summed_norms(stack: torch.Tensor) -> torch.Tensor:
     few thousand elements stay within 1e-8 (tests/unit/test_stats.py).
     """
     rows = torch.linalg.vector_norm(stack, dim=-1)  # [g, rows]
-    return rows.double().pow(2).sum(-1).sqrt()
+    return torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float64)
 
 
 def _frobenius(tensor: torch.Tensor) -> float:
     """‖tensor‖_F as `_row_summed_norms` sums it (any shape, any float dtype)."""
-    flat = tensor.detach().float()
+    flat = tensor.detach()
     if flat.ndim < 2:
-        return float(flat.double().norm())
-    return float(_row_summed_norms(flat.reshape(1, -1, flat.shape[-1]))[0])
+        return float(torch.linalg.vector_norm(flat, dtype=torch.float64))
+    return float(_row_summed_norms(flat.float().reshape(1, -1, flat.shape[-1]))[0])
 
 
 def _top_sigma2(
@@ -313,14 +314,18 @@ def _top_sigma2(
     if large and fast_bfloat16(stack.device):
         low = stack.to(torch.bfloat16)
 
-    def gram_times(block: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        """Δ·Δᵀ·block, every product taking the stack untransposed (a transposed
-        bfloat16 operand can be 15x slower on CPU)."""
+    # Δ·Δᵀ·block is two passes, every product taking the stack untransposed (a
+    # transposed bfloat16 operand can be 15x slower on CPU): first M = Δᵀ·block
+    # (kept as the stack's product gives it), then Δ·M.
+    def first_half(block: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         if tall:
-            image = matrix @ block.to(matrix.dtype)  # [g, rows, w]
-            return (image.transpose(1, 2).contiguous() @ matrix).float().transpose(1, 2)
-        image = block.transpose(1, 2).contiguous().to(matrix.dtype) @ matrix  # [g, w, columns]
-        return (matrix @ image.transpose(1, 2).contiguous()).float()
+            return matrix @ block.to(matrix.dtype)  # [g, rows, w]
+        return block.transpose(1, 2).contiguous().to(matrix.dtype) @ matrix  # [g, w, columns]
+
+    def second_half(half: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        if tall:
+            return (half.transpose(1, 2).contiguous() @ matrix).float().transpose(1, 2)
+        return (matrix @ half.transpose(1, 2).contiguous()).float()
 
     probe = _probe(count, width, max(rows, columns)).to(stack.device, low.dtype)
     if tall:  # Δ·probe, as rows
@@ -333,7 +338,16 @@ def _top_sigma2(
     estimate = torch.zeros(count, dtype=torch.float64, device=stack.device)
     vectors: torch.Tensor | None = None
     for step in range(steps):
-        image = gram_times(block, low)
+        half = first_half(block, low)
+        if step == 0 and low is stack:
+            # T = Mᵀ·M already: when the start block holds all of each ΔW's energy
+            # (an update of rank <= SUBSPACE), it is exact without the second pass
+            start_t = half.transpose(1, 2) @ half if tall else half @ half.transpose(1, 2)
+            start_t = start_t.double()
+            start_t = (start_t + start_t.transpose(1, 2)) / 2
+            if bool((torch.diagonal(start_t, dim1=1, dim2=2).sum(-1) >= (1 - 1e-5) * energy).all()):
+                return torch.linalg.eigvalsh(start_t)[:, -1].clamp_min(0.0)
+        image = second_half(half, low)
         column = basis.transpose(1, 2) @ image  # T's newest block column [g, k, w]
         size, old = basis.shape[2], basis.shape[2] - block.shape[2]
         grown = torch.zeros(count, size, size, dtype=torch.float64, device=stack.device)
@@ -618,7 +632,6 @@ def model_diff(
                 for side, hooks in sides
             ]
             (base_logits, base_acts), (ckpt_logits, ckpt_acts) = outputs[::order]
-            mask = batch.mask.to(base_acts[0].device)
             rows, positions = batch.mask.nonzero(as_tuple=True)
             prompts = batch.prompt_index[rows]
             kl = _next_token_kls(base_logits, ckpt_logits)
@@ -628,15 +641,15 @@ def model_diff(
             top.offer(kl, prompts, positions, functools.partial(_guesses, base_logits, ckpt_logits))
             n_tokens += len(kl)
             # every layer at once: [layers, real positions, d_model]
-            x_base = torch.stack(base_acts)[:, mask].float()
-            x_ckpt = torch.stack(ckpt_acts).to(x_base.device)[:, mask].float()
+            x_base = torch.stack(base_acts).float()
+            x_ckpt = torch.stack(ckpt_acts).to(x_base.device).float()
             difference = x_ckpt - x_base
             base_norm, ckpt_norm = x_base.norm(dim=-1), x_ckpt.norm(dim=-1)
             relative = difference.norm(dim=-1) / base_norm.clamp_min(1e-12)
             cosines = torch.linalg.vecdot(x_base, x_ckpt) / (base_norm * ckpt_norm).clamp_min(1e-8)
-            drift += relative.double().sum(-1).cpu()
-            cosine += cosines.double().sum(-1).cpu()
-            shift += difference.double().sum(1).cpu()
+            drift += relative.sum(-1, dtype=torch.float64).cpu()
+            cosine += cosines.sum(-1, dtype=torch.float64).cpu()
+            shift += difference.sum(1, dtype=torch.float64).cpu()
             # the batch's logits and activations go before the next batch's forwards
             # (at a 50,257-token vocabulary the logits are 96 MB a side)
             del outputs, base_logits, ckpt_logits, base_acts, ckpt_acts

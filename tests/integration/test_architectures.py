@@ -270,7 +270,7 @@ def test_model_diff_reads_the_full_forwards_logits_at_the_real_positions(zoo):
     if zoo.arch.model_type == "gemma2":
         assert float(full.abs().max()) <= 0.05 + 1e-6
     for layer, stream in enumerate(residuals):
-        torch.testing.assert_close(stream, cache[f"blocks.{layer}.hook_resid_post"])
+        torch.testing.assert_close(stream, cache[f"blocks.{layer}.hook_resid_post"][batch.mask])
 
 
 def test_capture_writes_the_bridge_activations_and_sae_features(zoo, tmp_path):

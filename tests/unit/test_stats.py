@@ -284,6 +284,45 @@ def test_stable_ranks_match_the_svd(kind, precision, monkeypatch):
     np.testing.assert_allclose(_stable_ranks(deltas), expected, rtol=1e-3)
 
 
+@pytest.mark.parametrize("tall", [False, True])
+def test_an_update_of_low_rank_costs_two_passes_over_the_stack(tall):
+    """The start block Δ·probe spans a rank-≤16 ΔW, so Mᵀ·M with M = Δᵀ·block is
+    already T: σ_max² is read from it, without the Krylov step's second pass. Noise
+    takes the full iteration. Passes are counted as products reading the stack."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from aquin_nb.modeldiff import _row_summed_norms, _top_sigma2
+
+    class Passes(TorchDispatchMode):
+        def __init__(self, stack):
+            super().__init__()
+            self.size, self.count = stack.numel(), 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.bmm and any(
+                isinstance(a, torch.Tensor) and a.numel() == self.size for a in args
+            ):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    generator = torch.Generator().manual_seed(11)
+    low_rank = torch.randn(3, 120, 6, generator=generator) @ torch.randn(
+        3, 6, 200, generator=generator
+    )
+    noise = torch.randn(3, 120, 200, generator=generator)
+    for stack, expected_passes in ((low_rank, 2), (noise, None)):
+        stack = stack.transpose(1, 2).contiguous() if tall else stack
+        with Passes(stack) as passes:
+            sigma2 = _top_sigma2(stack, _row_summed_norms(stack) ** 2)
+        exact = torch.linalg.matrix_norm(stack.double(), ord=2) ** 2
+        if expected_passes is None:
+            assert passes.count > 3
+            assert bool((sigma2 <= exact * (1 + 1e-6)).all())
+        else:
+            assert passes.count == expected_passes
+            torch.testing.assert_close(sigma2, exact, rtol=1e-5, atol=0)
+
+
 def test_weight_norms_of_large_matrices_are_summed_without_float32_drift():
     """A float32 norm over a whole 8,192 × 2,048 matrix is 7.5e-4 low (4% at a real
     128,256 × 2,048 embedding); model_diff's ‖ΔW‖ and ‖W‖ sum float32 row norms in
