@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -163,16 +164,74 @@ def import_explanations(
 
 
 def lens_labels(bridge: Any, sae: Any, features: list[int]) -> dict[int, str]:
-    """Offline labels of ``features`` from their decoder rows' logit lens alone."""
+    """Offline labels of ``features`` from their decoder rows' logit lens alone.
+
+    A feature's lens label depends only on its decoder row, the model's final norm,
+    its unembedding and its tokenizer, so labels already read for this SAE and
+    model (another checkpoint's diff against the same base, a rerun) are read
+    back; only the others run the lens (`_LensLabelCache`).
+    """
     from ._lens import decode_tokens, logit_lens
 
     if not features:
         return {}
-    lens = logit_lens(bridge, sae.W_dec[list(features)].detach(), k=LABEL_TOKENS * 2)
-    return {
-        int(feature): offline_label([], decode_tokens(bridge.tokenizer, lens.top[row].tolist()))
-        for row, feature in enumerate(features)
-    }
+    cached = _LENS_LABELS.labels(bridge, sae)
+    missing = [int(f) for f in dict.fromkeys(features) if int(f) not in cached]
+    if missing:
+        lens = logit_lens(bridge, sae.W_dec[missing].detach(), k=LABEL_TOKENS * 2)
+        for row, feature in enumerate(missing):
+            tokens = decode_tokens(bridge.tokenizer, lens.top[row].tolist())
+            cached[feature] = offline_label([], tokens)
+    return {int(feature): cached[int(feature)] for feature in features}
+
+
+class _LensLabelCache:
+    """Lens labels per SAE (held weakly), for the model they were read through.
+
+    An entry is used only while every tensor it was computed from (the SAE's
+    decoder, the model's unembedding and final-norm parameters) is the same
+    object at the same in-place version, and the tokenizer is the same object:
+    a weight edited in place, a model loaded anew or another base reads afresh.
+    """
+
+    def __init__(self) -> None:
+        self._entries: weakref.WeakKeyDictionary[Any, tuple[list[Any], dict[int, str]]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @staticmethod
+    def _sources(bridge: Any, sae: Any) -> list[Any]:
+        unembed = bridge.original_model.get_output_embeddings().weight
+        norm = list(bridge.ln_final.parameters()) if hasattr(bridge, "ln_final") else []
+        return [sae.W_dec, unembed, *norm, bridge.tokenizer]
+
+    @staticmethod
+    def _state(sources: list[Any]) -> list[tuple[Any, int]]:
+        return [(weakref.ref(source), getattr(source, "_version", 0)) for source in sources]
+
+    def labels(self, bridge: Any, sae: Any) -> dict[int, str]:
+        """The labels read so far for ``sae`` through ``bridge`` (a dict to add to)."""
+        try:
+            sources = self._sources(bridge, sae)
+            state = self._state(sources)
+        except (AttributeError, TypeError, RuntimeError):  # no unembedding, no weakrefs,
+            # or inference-mode tensors (no version counter)
+            return {}
+        held = self._entries.get(sae)
+        if held is not None:
+            old_state, labels = held
+            same = len(old_state) == len(state) and all(
+                ref() is source and version == getattr(source, "_version", 0)
+                for (ref, version), source in zip(old_state, sources, strict=True)
+            )
+            if same:
+                return labels
+        labels = {}
+        self._entries[sae] = (state, labels)
+        return labels
+
+
+_LENS_LABELS = _LensLabelCache()
 
 
 def feature_labels(

@@ -103,6 +103,51 @@ def test_dashboards_are_cached_and_reused(bridge, tiny_sae):
     assert len(board["base"]["histogram"]) == len(first.summary["histogram_edges"]) - 1
 
 
+def test_lens_labels_are_read_back_until_a_weight_they_come_from_changes(
+    tiny_sae, monkeypatch
+):
+    """A second read of the same SAE through the same model runs no lens; editing the
+    unembedding or the decoder in place, or another model object, reads afresh, and
+    the labels then follow the edit: a feature whose decoder row is planted on a
+    token's unembedding row is labelled with that token."""
+    import copy
+
+    from aquin_nb import _lens, labels
+
+    bridge = load_model("tiny-gpt2")
+    sae = copy.deepcopy(tiny_sae)
+    lenses: list[int] = []
+    real_lens = _lens.logit_lens
+    monkeypatch.setattr(
+        _lens, "logit_lens", lambda b, d, k: lenses.append(len(d)) or real_lens(b, d, k)
+    )
+    features = random.Random(3).sample(range(int(sae.cfg.d_sae)), 12)
+    first = labels.lens_labels(bridge, sae, features)
+    again = labels.lens_labels(bridge, sae, [*features[:5], features[0]])
+    assert lenses == [12] and again == {f: first[f] for f in features[:5]}
+    more = labels.lens_labels(bridge, sae, [*features, 0, 1])  # only the new ones run
+    new = {0, 1} - set(features)
+    assert lenses == ([12, len(new)] if new else [12]) and set(more) == {*features, 0, 1}
+
+    unembed = bridge.original_model.get_output_embeddings().weight
+    draw = random.Random(4)
+    token = draw.randrange(len(bridge.tokenizer))
+    while not bridge.tokenizer.decode([token]).strip():
+        token = draw.randrange(len(bridge.tokenizer))
+    with torch.no_grad():  # plant: the feature's direction is the token's unembedding row
+        sae.W_dec[features[0]] = unembed[token] / unembed[token].norm()
+    planted = labels.lens_labels(bridge, sae, features[:1])
+    assert planted[features[0]].split(" · ")[0] == bridge.tokenizer.decode([token]).strip()
+    assert planted != {features[0]: more[features[0]]}
+    runs = len(lenses)
+    with torch.no_grad():
+        unembed[token] *= 1.0  # an in-place write, even one that changes nothing
+    labels.lens_labels(bridge, sae, features[:3])
+    assert len(lenses) == runs + 1
+    labels.lens_labels(load_model("tiny-gpt2"), sae, features[:3])  # another model object
+    assert len(lenses) == runs + 2
+
+
 def test_with_dashboards_shows_base_beside_checkpoint(planted_pt, planted_feature):
     from aquin_nb.cards import card_spec, render_html
 
