@@ -103,9 +103,7 @@ def test_dashboards_are_cached_and_reused(bridge, tiny_sae):
     assert len(board["base"]["histogram"]) == len(first.summary["histogram_edges"]) - 1
 
 
-def test_lens_labels_are_read_back_until_a_weight_they_come_from_changes(
-    tiny_sae, monkeypatch
-):
+def test_lens_labels_are_read_back_until_a_weight_they_come_from_changes(tiny_sae, monkeypatch):
     """A second read of the same SAE through the same model runs no lens; editing the
     unembedding or the decoder in place, or another model object, reads afresh, and
     the labels then follow the edit: a feature whose decoder row is planted on a
