@@ -399,6 +399,7 @@ def encode(sae: Any, x: torch.Tensor) -> torch.Tensor:
 # Below this fraction of nonzero feature activations, `decode` multiplies a sparse
 # copy of them: at 24,576 features and ~64 active per token it is about 2x faster.
 SPARSE_DECODE_DENSITY = 0.05
+DENSITY_SAMPLE_ROWS = 32
 
 
 def sparse_features(features: torch.Tensor) -> torch.Tensor:
@@ -415,9 +416,14 @@ def sparse_features(features: torch.Tensor) -> torch.Tensor:
         (True, False)
     """
     if features.ndim == 2 and features.device.type == "cpu" and features.numel():
-        density = float(torch.count_nonzero(features)) / features.numel()
-        if density < SPARSE_DECODE_DENSITY:
-            return features.to_sparse()
+        # the first rows screen out a dense batch cheaply; the conversion's own count
+        # decides (no separate pass over the whole array to count)
+        sample = features[:DENSITY_SAMPLE_ROWS]
+        if float(torch.count_nonzero(sample)) / sample.numel() >= SPARSE_DECODE_DENSITY:
+            return features
+        sparse = features.to_sparse()
+        if sparse._nnz() / features.numel() < SPARSE_DECODE_DENSITY:
+            return sparse
     return features
 
 

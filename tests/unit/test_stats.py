@@ -66,6 +66,26 @@ def test_identical_sides_give_p_one_and_constant_shift_gives_p_zero(layout):
     assert shifted.paired_t_pvalues().tolist() == [1.0, 0.0, 1.0]
 
 
+def test_sparse_features_choose_the_layout_by_the_whole_arrays_density():
+    """Sparse when under `SPARSE_DECODE_DENSITY` of the whole array fires; the first
+    rows only screen: dense first rows keep the array dense without a conversion, and
+    sparse first rows above a dense rest still give the dense array back."""
+    from aquin_nb.saes import DENSITY_SAMPLE_ROWS, SPARSE_DECODE_DENSITY, sparse_features
+
+    generator = torch.Generator().manual_seed(8)
+    rows = 4 * DENSITY_SAMPLE_ROWS
+    few = (torch.rand(rows, 1000, generator=generator) < SPARSE_DECODE_DENSITY / 4).float()
+    converted = sparse_features(few)
+    assert converted.is_sparse and converted.is_coalesced()
+    assert torch.equal(converted.to_dense(), few)
+    dense_head = few.clone()
+    dense_head[:DENSITY_SAMPLE_ROWS] = 1.0  # the screen sees a dense batch
+    assert sparse_features(dense_head) is dense_head
+    dense_tail = few.clone()
+    dense_tail[DENSITY_SAMPLE_ROWS:] = 1.0  # sparse first rows, dense overall
+    assert sparse_features(dense_tail) is dense_tail
+
+
 def test_sparse_features_give_the_dense_statistics():
     """SAE-like float32 features (about 3% firing, a few negative values that are not
     firings, rows with nothing firing), in three batches: every accumulator from the
