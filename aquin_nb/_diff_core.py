@@ -330,7 +330,7 @@ def feature_frame(
     )
     columns: dict[str, Any] = {"feature": np.arange(len(base))}
     if attribution is not None:
-        columns["label"] = pd.Series([None] * len(base), dtype=object)
+        columns["label"] = np.full(len(base), None, dtype=object)
     columns.update(base=base, checkpoint=checkpoint, delta=delta, abs_delta=abs_delta)
     if attribution is not None:
         columns["shift"] = attribution.shift
@@ -342,9 +342,10 @@ def feature_frame(
         q_value=q_values,
         changed=(q_values <= fdr) & effect,
     )
-    frame = pd.DataFrame(columns)
-    frame = frame.sort_values(["abs_delta", "feature"], ascending=[False, True], kind="stable")
-    return frame.reset_index(drop=True)
+    # by abs_delta, largest first, ties by feature: a stable sort of the arrays (features
+    # are numbered in order already), before the frame is built
+    order = np.argsort(-abs_delta, kind="stable")
+    return pd.DataFrame({name: np.asarray(column)[order] for name, column in columns.items()})
 
 
 def fit_side(fit: FitStats, fires: torch.Tensor, n_tokens: int, downstream: Any) -> dict[str, Any]:

@@ -553,3 +553,31 @@ def test_model_diff_kl_in_chunks_equals_the_float64_definition(monkeypatch):
     base_next, ckpt_next = modeldiff._guesses(base[mask], ckpt[mask], chosen)
     assert torch.equal(base_next, base[mask].argmax(-1)[chosen])
     assert torch.equal(ckpt_next, ckpt[mask].argmax(-1)[chosen])
+
+
+def test_the_feature_frame_is_ordered_by_abs_delta_then_feature():
+    """Random statistics with many exact ties in |Δ| (zeros and repeated values): the
+    frame's rows are pandas' stable sort by (abs_delta descending, feature ascending),
+    every column moved with its feature."""
+    import pandas as pd
+
+    from aquin_nb._diff_core import feature_frame
+
+    generator = torch.Generator().manual_seed(12)
+    stats = PairedFeatureStats(400)
+    owner = torch.arange(6).repeat_interleave(5)
+    base = torch.relu(torch.randn(30, 400, generator=generator)).round()  # few distinct means
+    ckpt = base.clone()
+    moved = torch.randperm(400, generator=generator)[:150]
+    ckpt[:, moved] += torch.randint(0, 3, (30, 150), generator=generator).float()
+    stats.update(base, ckpt, owner, 6)
+    frame = feature_frame(stats, 0.05, 0.1, 0.0)
+    assert frame["abs_delta"].duplicated().sum() > 100  # ties to break
+    expected = frame.sort_values("feature").sort_values(
+        ["abs_delta", "feature"], ascending=[False, True], kind="stable"
+    )
+    pd.testing.assert_frame_equal(frame, expected.reset_index(drop=True))
+    features = frame["feature"].to_numpy()
+    np.testing.assert_allclose(frame["base"], base.double().mean(0).numpy()[features])
+    np.testing.assert_allclose(frame["delta"], (ckpt - base).double().mean(0).numpy()[features])
+    np.testing.assert_allclose(frame["p_value"], stats.paired_t_pvalues()[features])
