@@ -174,7 +174,10 @@ def load_pair(
     checkpoint_hf = checkpoint_twin(hf, path)
     shared = unchanged_prefix(hf, checkpoint_hf) if count_shared else 0
     base = wrap_bridge(hf, tokenizer, label, device=device)
-    return Pair(base, wrap_bridge(checkpoint_hf, tokenizer, label, device=device), name, shared)
+    # the base bridge's tokenizer, which its boot rebuilt with add_bos_token=True: the
+    # checkpoint's boot takes it as it is instead of reading the tokenizer files again
+    checkpoint_bridge = wrap_bridge(checkpoint_hf, base.tokenizer, label, device=device)
+    return Pair(base, checkpoint_bridge, name, shared)
 
 
 def _loaded_prefix(base: Any, checkpoint: Any) -> int:

@@ -145,6 +145,10 @@ def test_sae_diff_with_a_shared_prefix_equals_the_two_full_forwards(
     path = tmp_path / "tuned.pt"
     torch.save(tuned, path)
     shared = sae_diff("tiny-gpt2", path, fit="off", progress=False)
+    from_paths = load_pair("tiny-gpt2", path, None, count_shared=True)
+    assert from_paths.shared_blocks == 1
+    # the checkpoint's bridge takes the base bridge's BOS tokenizer (not read again)
+    assert from_paths.checkpoint.tokenizer is from_paths.base.tokenizer
     loaded = (aquin_nb.load_model("tiny-gpt2"), aquin_nb.load_model("tiny-gpt2", path))
     assert load_pair(*loaded, None, count_shared=True).shared_blocks == 1
     shared_loaded = sae_diff(*loaded, fit="off", progress=False)
