@@ -134,7 +134,10 @@ def _residuals_and_logits(bridge: Any, tokens: torch.Tensor, mask: torch.Tensor,
     The unembedding is handed only the real positions' final-normed stream (a
     pre-hook on the model's output embedding), so padding and BOS cost no
     logits; what the model does after the unembedding (Gemma 2's logit
-    soft-capping) still applies, as it is the model's own forward.
+    soft-capping) still applies, as it is the model's own forward. A model whose
+    output embedding cannot be found, or is handed something other than the
+    ``[batch, positions, d_model]`` stream, computes every position's logits and
+    they are gathered after.
     """
     device = next(bridge.original_model.parameters()).device
     mask = mask.to(device)
@@ -143,18 +146,28 @@ def _residuals_and_logits(bridge: Any, tokens: torch.Tensor, mask: torch.Tensor,
         hook.register_forward_hook(lambda module, args, output: captured.append(output[mask]))
         for hook in hooks
     ]
+    gathered: list[bool] = []
 
-    def real_positions(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (args[0][mask][None], *args[1:])
+    def real_positions(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        key = next((name for name in ("input", "hidden_states") if name in kwargs), None)
+        stream = args[0] if args else kwargs.get(key) if key else None
+        if gathered or not isinstance(stream, torch.Tensor) or stream.shape[:2] != mask.shape:
+            return None  # left as it is: the logits are gathered after the forward
+        gathered.append(True)
+        if args:
+            return (stream[mask][None], *args[1:]), kwargs
+        assert key is not None
+        return args, {**kwargs, key: stream[mask][None]}
 
     unembedding = bridge.original_model.get_output_embeddings()
-    handles.append(unembedding.register_forward_pre_hook(real_positions))
+    if unembedding is not None:
+        handles.append(unembedding.register_forward_pre_hook(real_positions, with_kwargs=True))
     try:
         logits = bridge(tokens.to(device), return_type="logits")
     finally:
         for handle in handles:
             handle.remove()
-    return logits[0], captured
+    return (logits[0] if gathered else logits[mask]), captured
 
 
 def _next_token_kls(base_logits: torch.Tensor, ckpt_logits: torch.Tensor) -> torch.Tensor:

@@ -193,3 +193,26 @@ def test_singular_values_from_lora_factors_match_the_dense_update():
     dense = sum(b @ a for b, a in factors)
     expected = torch.linalg.svdvals(dense)[:5]
     assert torch.allclose(_factor_singular_values(factors), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_logits_are_gathered_after_when_the_unembedding_cannot_be_hooked(monkeypatch):
+    """Without an output embedding to hand the real positions to, every position's
+    logits are computed and gathered after: the same logits and residuals."""
+    from aquin_nb._activations import token_batches, tokenize_prompts
+    from aquin_nb.modeldiff import _residuals_and_logits
+    from aquin_nb.probes import load_prompts
+
+    bridge = load_model("tiny-gpt2")
+    token_lists = tokenize_prompts(
+        bridge.tokenizer, load_prompts(None)[:12], prepend_bos=True, max_length=64
+    )
+    batch = next(token_batches(token_lists, batch_size=12, skip_first=True))
+    hooks = [block.hook_out for block in bridge.blocks]
+    with torch.no_grad():
+        hooked = _residuals_and_logits(bridge, batch.tokens, batch.mask, hooks)
+        monkeypatch.setattr(bridge.original_model, "get_output_embeddings", lambda: None)
+        gathered = _residuals_and_logits(bridge, batch.tokens, batch.mask, hooks)
+    assert hooked[0].shape == (int(batch.mask.sum()), bridge.cfg.d_vocab)
+    torch.testing.assert_close(gathered[0], hooked[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(gathered[1], hooked[1], strict=True):
+        torch.testing.assert_close(a, b)
