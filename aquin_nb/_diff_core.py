@@ -138,7 +138,7 @@ def load_pair(
     are views of one model with the adapter switched off and on (`aquin_nb._switch`).
     Anything else (loaded models, bridges) is loaded as `load_base` and
     `load_checkpoint` do; ``count_shared`` then compares two bridges' weights where
-    they compare like for like (`_loaded_prefix`).
+    they compare like for like (`loaded_prefix`).
     """
 
     from ._checkpoints import is_peft_adapter
@@ -149,7 +149,7 @@ def load_pair(
     if not isinstance(model, (str, Path)) or not isinstance(checkpoint, (str, Path)):
         base = load_base(model, device, dtype)
         ckpt, name = load_checkpoint(checkpoint, base, model, device, dtype)
-        return Pair(base, ckpt, name, _loaded_prefix(base, ckpt) if count_shared else 0)
+        return Pair(base, ckpt, name, loaded_prefix(base, ckpt) if count_shared else 0)
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise AquinError(f"checkpoint {path} does not exist")
@@ -180,7 +180,7 @@ def load_pair(
     return Pair(base, checkpoint_bridge, name, shared)
 
 
-def _loaded_prefix(base: Any, checkpoint: Any) -> int:
+def loaded_prefix(base: Any, checkpoint: Any) -> int:
     """`unchanged_prefix` of two bridges the caller loaded, when their weights compare
     like for like: both as loaded, or both processed by aquin_nb with the same settings
     (processing a block reads only that block and the embeddings, so equal blocks stay

@@ -17,6 +17,7 @@ decomposes over the decoder directions, as `sae_diff` does.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 
 from ._activations import TokenBatch, residual, token_batches
 from ._fit import DownstreamStats
+from ._prefix import KeptPrefix
 from ._stats import BaseFeatureStats, FitStats, PairedFeatureStats
 from .saes import SaeNumerics, encode, sparse_features
 from .saes import decode as sparse_decode
@@ -152,7 +154,10 @@ def base_pass(
     *,
     batch_size: int,
     n_downstream: int,
+    kept: KeptPrefix | None = None,
 ) -> BasePass:
+    """The base side of ``shard``; with ``kept``, its leading blocks' outputs are kept
+    for checkpoints that share them (`aquin_nb._prefix.KeptPrefix`)."""
     device = next(bridge.original_model.parameters()).device
     d_sae, d_model = (int(n) for n in sae.W_dec.shape)
     result = BasePass(
@@ -162,7 +167,8 @@ def base_pass(
         ResidualSums(len(shard.token_lists), d_model),
     )
     for batch, mask, rows in _batches(shard, batch_size, numerics, device):
-        x, features = _features(bridge, sae, numerics, batch, mask)
+        with kept.keeping() if kept is not None else nullcontext():
+            x, features = _features(bridge, sae, numerics, batch, mask)
         result.fit.update(x, sparse_decode(sae, features))
         result.features.update(features, rows, len(batch.tokens))
         result.residual.update(x, _prompt_of_token(batch, rows))
@@ -181,8 +187,15 @@ def checkpoint_pass(
     *,
     batch_size: int,
     n_downstream: int,
+    kept: KeptPrefix | None = None,
+    shared_blocks: int = 0,
 ) -> CheckpointPass:
-    """The checkpoint side of ``shard`` against ``base``, the base pass of the same shard."""
+    """The checkpoint side of ``shard`` against ``base``, the base pass of the same shard.
+
+    With ``kept`` (the base pass's) and ``shared_blocks`` k >= 1 (the checkpoint's
+    first k blocks and embeddings are the base's, `aquin_nb._prefix.unchanged_prefix`),
+    each batch replays the base's block k - 1 instead of computing those blocks.
+    """
     device = next(bridge.original_model.parameters()).device
     d_model = int(sae.W_dec.shape[1])
     result = CheckpointPass(
@@ -194,8 +207,12 @@ def checkpoint_pass(
     batches = list(_batches(shard, batch_size, numerics, device))
     if len(batches) != len(base.features.batch_means):
         raise RuntimeError("the base pass was computed over other batches than this shard's")
-    for (batch, mask, rows), base_means in zip(batches, base.features.batch_means, strict=True):
-        x, features = _features(bridge, sae, numerics, batch, mask)
+    for number, ((batch, mask, rows), base_means) in enumerate(
+        zip(batches, base.features.batch_means, strict=True)
+    ):
+        replay = kept.replaying(bridge, shared_blocks, number) if kept is not None else None
+        with replay or nullcontext():
+            x, features = _features(bridge, sae, numerics, batch, mask)
         result.fit.update(x, sparse_decode(sae, features))
         result.features.update_checkpoint(features, rows, base_means.to(device))
         result.residual.update(x, _prompt_of_token(batch, rows))

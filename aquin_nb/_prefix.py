@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -161,6 +161,70 @@ class SharedPrefix:
         with _replaying(self.checkpoint, self.k, captured[-1]):
             x_checkpoint = residual(self.checkpoint, tokens, hook_name)
         return x_base, x_checkpoint
+
+
+PREFIX_BYTES = 256 * 2**20  # a trajectory's kept block outputs, at most
+
+
+class KeptPrefix:
+    """What the base's leading blocks returned, batch by batch: a trajectory keeps them
+    from its base pass so that each checkpoint sharing ``k`` unchanged blocks replays
+    the base's block ``k - 1`` instead of computing its first ``k`` blocks.
+
+    Kept: the outputs of every block before the one the SAE's hook needs last
+    (``read_hook_plan``), while their tensors stay within `PREFIX_BYTES` in all;
+    past that nothing is kept (``usable`` is False) and checkpoints run whole.
+    """
+
+    def __init__(self, bridge: Any, hook_name: str, budget: int | None = None) -> None:
+        _, stop_at = read_hook_plan(hook_name)
+        self.blocks = [bridge.blocks[i].original_component for i in range(stop_at - 1)]
+        self.budget = PREFIX_BYTES if budget is None else budget
+        self.batches: list[list[Any]] = []
+        self.bytes = 0
+        self.usable = bool(self.blocks)
+
+    @contextmanager
+    def keeping(self) -> Iterator[None]:
+        """Keep what each block returns during one batch's base forward."""
+        if not self.usable:
+            yield
+            return
+        outputs: list[Any] = [None] * len(self.blocks)
+
+        def keep(index: int) -> Any:
+            def hook(module: Any, args: Any, output: Any) -> None:
+                outputs[index] = output
+
+            return hook
+
+        handles = [block.register_forward_hook(keep(i)) for i, block in enumerate(self.blocks)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.bytes += sum(_tensor_bytes(output) for output in outputs)
+        if self.bytes > self.budget or any(output is None for output in outputs):
+            self.usable, self.batches = False, []  # over budget: keep nothing
+        else:
+            self.batches.append(outputs)
+
+    def replaying(self, bridge: Any, k: int, batch: int) -> Any:
+        """``bridge``'s first ``k`` blocks replay the base's for batch number ``batch``
+        (``k`` capped at the blocks kept; nothing replayed for ``k = 0``)."""
+        k = min(k, len(self.blocks))
+        if k < 1 or not self.usable:
+            return nullcontext()
+        return _replaying(bridge, k, self.batches[batch][k - 1])
+
+
+def _tensor_bytes(output: Any) -> int:
+    if isinstance(output, torch.Tensor):
+        return output.numel() * output.element_size()
+    if isinstance(output, (tuple, list)):
+        return sum(_tensor_bytes(item) for item in output)
+    return 0
 
 
 @contextmanager

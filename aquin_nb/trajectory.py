@@ -42,12 +42,14 @@ from ._diff_core import (
     fit_side,
     fit_summary,
     load_checkpoint,
+    loaded_prefix,
     prepare,
 )
 from ._errors import AquinError
 from ._fit import FAST_PROMPTS
 from ._metrics import find_metrics, read_metrics
 from ._passes import BasePass, CheckpointPass, Shard, base_pass, checkpoint_pass
+from ._prefix import KeptPrefix
 from ._quiet import quiet_unless_progress
 from ._shift import attribute
 from ._track import DEFAULT_MAX_FEATURES, DEFAULT_TOP_K, add_step, empty_trajectory
@@ -105,6 +107,7 @@ class Comparison:
         self.n_downstream = {"fast": FAST_PROMPTS, "full": n_prompts, "off": 0}[fit]
         self.prompt_shards = prompt_shards
         self._ray: Any = None
+        self.kept: KeptPrefix | None = None  # local backend only
         if backend == "ray":
             from ._ray import RayRunner
 
@@ -112,6 +115,8 @@ class Comparison:
             self.base: BasePass = self._ray.base()
         else:
             p = self.prepared
+            # the base's leading blocks, for checkpoints that left them unchanged
+            self.kept = KeptPrefix(p.base, p.numerics.hook_name)
             self.base = base_pass(
                 p.base,
                 p.sae,
@@ -119,6 +124,7 @@ class Comparison:
                 Shard(0, p.token_lists),
                 batch_size=batch_size,
                 n_downstream=self.n_downstream,
+                kept=self.kept,
             )
         features = self.base.features
         self.base_fit = fit_side(
@@ -172,6 +178,8 @@ class Comparison:
         bridge, _ = load_checkpoint(ref.source, p.base, self.model, self.device)
         p.check_architecture(bridge, f"checkpoint {ref.where} (step {ref.step})")
         prepare_bridge(bridge, p.numerics)
+        kept = self.kept
+        shared = loaded_prefix(p.base, bridge) if kept is not None and kept.usable else 0
         try:
             return checkpoint_pass(
                 bridge,
@@ -181,6 +189,8 @@ class Comparison:
                 self.base,
                 batch_size=self.batch_size,
                 n_downstream=self.n_downstream,
+                kept=kept,
+                shared_blocks=shared,
             )
         finally:
             del bridge

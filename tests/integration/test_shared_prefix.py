@@ -157,7 +157,7 @@ def test_sae_diff_with_a_shared_prefix_equals_the_two_full_forwards(
     other = aquin_nb.load_model("tiny-gpt2")
     other.enable_compatibility_mode(disable_warnings=True)  # processed outside aquin_nb
     assert load_pair(other, loaded[1], None, count_shared=True).shared_blocks == 0
-    monkeypatch.setattr(_diff_core, "_loaded_prefix", lambda *_: 0)
+    monkeypatch.setattr(_diff_core, "loaded_prefix", lambda *_: 0)
     plain = sae_diff(
         aquin_nb.load_model("tiny-gpt2"),
         aquin_nb.load_model("tiny-gpt2", path),
@@ -171,3 +171,91 @@ def test_sae_diff_with_a_shared_prefix_equals_the_two_full_forwards(
             diff.features.sort_values("feature")[columns].to_numpy(), expected
         )
         assert diff.summary["n_changed"] == plain.summary["n_changed"] > 0
+
+
+def test_a_trajectory_replays_the_base_blocks_a_checkpoint_left_unchanged(
+    tmp_path, base_state, monkeypatch
+):
+    """Checkpoints with block 1 changed (block 0 shared), block 0 changed (nothing
+    shared) and only block 3 changed (everything before the SAE's hook at
+    blocks.2.hook_resid_pre shared): the trajectory replays the base's block 0 for
+    the first and the last, in every batch, and its steps equal those of a
+    trajectory that keeps nothing (a budget of 0 bytes) and runs every block."""
+    import pandas as pd
+
+    from aquin_nb import _prefix
+    from aquin_nb.probes import load_prompts
+
+    torch.manual_seed(13)
+    paths = []
+    for step, block in enumerate((1, 0, 3), start=1):  # step 3 changes block 3 only
+        tuned = {key: value.clone() for key, value in base_state.items()}
+        for key in tuned:
+            if key.startswith(f"transformer.h.{block}."):
+                tuned[key] += 0.02 * torch.randn_like(tuned[key])
+        paths.append(tmp_path / f"step_{step}.pt")
+        torch.save(tuned, paths[-1])
+    replays: list[int] = []
+    real_replaying = _prefix._replaying
+    monkeypatch.setattr(
+        _prefix,
+        "_replaying",
+        lambda bridge, k, output: replays.append(k) or real_replaying(bridge, k, output),
+    )
+    shared = aquin_nb.sae_trajectory("tiny-gpt2", paths, fit="off", progress=False)
+    n_batches = (len(load_prompts(None)) + 15) // 16
+    assert replays == [1] * (2 * n_batches)  # steps 1 and 3, never step 2
+    monkeypatch.setattr(_prefix, "PREFIX_BYTES", 0)
+    replays.clear()
+    whole = aquin_nb.sae_trajectory("tiny-gpt2", paths, fit="off", progress=False)
+    assert replays == []
+    pd.testing.assert_frame_equal(shared.steps, whole.steps, rtol=1e-5, atol=1e-6)
+    three = shared.steps[shared.steps["step"] == shared.steps["step"].max()]
+    assert float(three["delta"].abs().max()) == 0.0  # the hook reads before block 3
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_kept_base_blocks_replay_batch_by_batch(model_type, tmp_path):
+    """`KeptPrefix` on every architecture: the base's block outputs kept over two
+    batches of different shapes replay into a checkpoint sharing k blocks drawn at
+    random, which then reads exactly what it reads alone, without running its own
+    first k blocks; over budget, nothing is kept and nothing replays."""
+    from aquin_nb._prefix import KeptPrefix
+
+    generator = torch.Generator().manual_seed(20 + ARCHITECTURES.index(model_type))
+    directory = build_tiny_model(model_type, tmp_path / model_type, n_layers=N_LAYERS)
+    hf, tokenizer, _ = load_hf_model(directory)
+    tuned = copy.deepcopy(hf)
+    k = int(torch.randint(1, N_LAYERS, (1,), generator=generator))
+    with torch.no_grad():
+        for block in list(tuned.get_submodule(block_list_name(tuned)))[k:]:
+            for parameter in block.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    base = wrap_bridge(hf, tokenizer, "base", device="cpu")
+    checkpoint = wrap_bridge(tuned, tokenizer, "checkpoint", device="cpu")
+    hook = f"blocks.{N_LAYERS - 1}.hook_resid_post"
+    batches = [torch.randint(1, 4000, shape, generator=generator) for shape in ((3, 11), (2, 7))]
+    kept = KeptPrefix(base, hook)
+    for tokens in batches:
+        with kept.keeping():
+            residual(base, tokens, hook)
+    assert kept.usable and len(kept.batches) == 2 and len(kept.blocks) == N_LAYERS - 1
+    calls: list[int] = []
+    for i in range(k):
+        checkpoint.blocks[i].original_component.register_forward_hook(
+            lambda *_, i=i: calls.append(i)
+        )
+    for number, tokens in enumerate(batches):
+        with kept.replaying(checkpoint, k, number):
+            replayed = residual(checkpoint, tokens, hook)
+        assert calls == []  # the checkpoint's first k blocks never ran
+        alone = residual(checkpoint, tokens, hook)
+        calls.clear()
+        assert torch.equal(replayed, alone)
+    small = KeptPrefix(base, hook, budget=1)
+    with small.keeping():
+        residual(base, batches[0], hook)
+    assert not small.usable and small.batches == []
+    with small.replaying(checkpoint, k, 0):
+        residual(checkpoint, batches[0], hook)
+    assert len(calls) == k  # nothing replayed: the checkpoint ran its own blocks
