@@ -217,9 +217,9 @@ def test_a_trajectory_replays_the_base_blocks_a_checkpoint_left_unchanged(
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_kept_base_blocks_replay_batch_by_batch(model_type, tmp_path):
     """`KeptPrefix` on every architecture: the base's block outputs kept over two
-    batches of different shapes replay into a checkpoint sharing k blocks drawn at
-    random, which then reads exactly what it reads alone, without running its own
-    first k blocks; over budget, nothing is kept and nothing replays."""
+    batches of different shapes replay, twice over, into a checkpoint sharing k
+    blocks drawn at random, which then reads exactly what it reads alone, without
+    running its own first k blocks; over budget, nothing is kept and nothing replays."""
     from aquin_nb._prefix import KeptPrefix
 
     generator = torch.Generator().manual_seed(20 + ARCHITECTURES.index(model_type))
@@ -245,13 +245,14 @@ def test_kept_base_blocks_replay_batch_by_batch(model_type, tmp_path):
         checkpoint.blocks[i].original_component.register_forward_hook(
             lambda *_, i=i: calls.append(i)
         )
-    for number, tokens in enumerate(batches):
-        with kept.replaying(checkpoint, k, number):
-            replayed = residual(checkpoint, tokens, hook)
-        assert calls == []  # the checkpoint's first k blocks never ran
-        alone = residual(checkpoint, tokens, hook)
-        calls.clear()
-        assert torch.equal(replayed, alone)
+    for _ in range(2):  # kept outputs serve every checkpoint: a replay must not alter them
+        for number, tokens in enumerate(batches):
+            with kept.replaying(checkpoint, k, number):
+                replayed = residual(checkpoint, tokens, hook)
+            assert calls == []  # the checkpoint's first k blocks never ran
+            alone = residual(checkpoint, tokens, hook)
+            calls.clear()
+            assert torch.equal(replayed, alone)
     small = KeptPrefix(base, hook, budget=1)
     with small.keeping():
         residual(base, batches[0], hook)
