@@ -210,8 +210,8 @@ def checkpoint_pass(
     for number, ((batch, mask, rows), base_means) in enumerate(
         zip(batches, base.features.batch_means, strict=True)
     ):
-        replay = kept.replaying(bridge, shared_blocks, number) if kept is not None else None
-        with replay or nullcontext():
+        replay = kept.replaying(bridge, shared_blocks, number) if kept else nullcontext()
+        with replay:
             x, features = _features(bridge, sae, numerics, batch, mask)
         result.fit.update(x, sparse_decode(sae, features))
         result.features.update_checkpoint(features, rows, base_means.to(device))
