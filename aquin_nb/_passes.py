@@ -167,7 +167,7 @@ def base_pass(
         ResidualSums(len(shard.token_lists), d_model),
     )
     for batch, mask, rows in _batches(shard, batch_size, numerics, device):
-        with kept.keeping() if kept is not None else nullcontext():
+        with kept.keeping() if kept else nullcontext():
             x, features = _features(bridge, sae, numerics, batch, mask)
         result.fit.update(x, sparse_decode(sae, features))
         result.features.update(features, rows, len(batch.tokens))

@@ -179,9 +179,10 @@ def lens_labels(bridge: Any, sae: Any, features: list[int]) -> dict[int, str]:
     missing = [int(f) for f in dict.fromkeys(features) if int(f) not in cached]
     if missing:
         lens = logit_lens(bridge, sae.W_dec[missing].detach(), k=LABEL_TOKENS * 2)
+        width = int(lens.top.shape[1])
+        tokens = decode_tokens(bridge.tokenizer, lens.top.reshape(-1).tolist())  # one call
         for row, feature in enumerate(missing):
-            tokens = decode_tokens(bridge.tokenizer, lens.top[row].tolist())
-            cached[feature] = offline_label([], tokens)
+            cached[feature] = offline_label([], tokens[row * width : (row + 1) * width])
     return {int(feature): cached[int(feature)] for feature in features}
 
 
