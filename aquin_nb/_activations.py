@@ -148,18 +148,33 @@ def token_batches(
     batch_size: int,
     skip_first: bool,
     pad_id: int = 0,
+    by_length: bool = False,
 ) -> Iterator[TokenBatch]:
     """Right-padded batches of ``token_lists`` (id lists, or int arrays as `pack_windows`
-    makes); causal attention means padding never touches real tokens."""
+    makes); causal attention means padding never touches real tokens.
+
+    With ``by_length``, batches take the prompts in order of length (ties in list
+    order), so prompts of like length share a batch and less of it is padding;
+    each batch's ``prompt_index`` still gives the rows' places in ``token_lists``.
+
+    Example:
+        >>> batches = token_batches([[5, 6, 7], [8], [9, 10]], batch_size=2, skip_first=False, by_length=True)
+        >>> [(batch.prompt_index.tolist(), batch.tokens.shape[1]) for batch in batches]
+        [([1, 2], 2), ([0], 3)]
+    """
+    order: Sequence[int] = range(len(token_lists))
+    if by_length:
+        order = sorted(order, key=lambda index: len(token_lists[index]))
     for start in range(0, len(token_lists), batch_size):
-        chunk = token_lists[start : start + batch_size]
+        chosen = order[start : start + batch_size]
+        chunk = [token_lists[index] for index in chosen]
         width = max(len(ids) for ids in chunk)
         tokens = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.bool)
         for row, ids in enumerate(chunk):
             tokens[row, : len(ids)] = torch.as_tensor(ids)
             mask[row, int(skip_first) : len(ids)] = True
-        yield TokenBatch(tokens, mask, torch.arange(start, start + len(chunk)))
+        yield TokenBatch(tokens, mask, torch.as_tensor(list(chosen), dtype=torch.long))
 
 
 def read_hook_plan(hook_name: str) -> tuple[str, int]:

@@ -48,6 +48,7 @@ class AdapterSwitch:
         self.side = "checkpoint"
         self.use("base")
 
+    @torch.inference_mode(False)  # a caller's inference mode must not reach the weights
     @torch.no_grad()
     def use(self, side: str) -> None:
         if side not in SIDES:

@@ -216,3 +216,45 @@ def test_logits_are_gathered_after_when_the_unembedding_cannot_be_hooked(monkeyp
     torch.testing.assert_close(gathered[0], hooked[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(gathered[1], hooked[1], strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_an_adapter_switched_inside_model_diff_leaves_no_inference_tensors(tiny_hf, tmp_path):
+    """model_diff runs its forwards in inference mode; switching a DoRA adapter there
+    writes new weight tensors. They must be ordinary tensors: a later switch outside
+    inference mode (unmerging in place) and a gradient through the model still work."""
+    from peft import LoraConfig, get_peft_model
+
+    from aquin_nb._diff_core import load_pair
+
+    model = copy.deepcopy(tiny_hf[0])
+    torch.manual_seed(2)
+    config = LoraConfig(
+        r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+        init_lora_weights=False, use_dora=True,
+    )  # fmt: skip
+    get_peft_model(model, config).save_pretrained(tmp_path / "dora")
+    pair = load_pair("tiny-gpt2", tmp_path / "dora", None, switch_adapter=True)
+    model_diff(pair.base, pair.checkpoint, progress=False)
+    parameters = list(pair.base.original_model.parameters())
+    assert not any(parameter.is_inference() for parameter in parameters)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.enable_grad():
+        for side in (pair.checkpoint, pair.base, pair.checkpoint):
+            side(tokens, return_type="logits").sum().backward()
+
+
+def test_batches_by_length_give_each_prompt_what_it_gets_alone(base_bridge, planted_pt):
+    """Prompts are batched in order of length; every per-prompt figure, the top tokens
+    and the drift equal those of a diff that runs each prompt in a batch of its own."""
+    together = model_diff(base_bridge, planted_pt, batch_size=16, progress=False)
+    alone = model_diff(base_bridge, planted_pt, batch_size=1, progress=False)
+    for column in ("mean_kl", "max_kl"):
+        assert together.prompts[column].to_numpy() == pytest.approx(
+            alone.prompts[column].to_numpy(), rel=1e-4, abs=1e-7
+        )
+    assert together.prompts["n_tokens"].tolist() == alone.prompts["n_tokens"].tolist()
+    top = ["prompt", "position", "token", "base_next", "checkpoint_next"]
+    assert together.tokens[top].head(10).equals(alone.tokens[top].head(10))
+    assert together.layers["rel_drift"].to_numpy() == pytest.approx(
+        alone.layers["rel_drift"].to_numpy(), rel=1e-5
+    )

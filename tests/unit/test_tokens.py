@@ -47,3 +47,28 @@ def test_decode_each_falls_back_where_decode_does_more():
     cleaning.decode = lambda ids: calls.append(ids) or decode(ids)
     assert decode_each(cleaning, [ids, ids[:1]]) == [decode(ids), decode(ids[:1])]
     assert calls == [ids, ids[:1]]
+
+
+def test_batches_by_length_hold_every_prompt_once_in_length_order():
+    """Random prompt lengths: each prompt lands in exactly one row, padded right, with
+    its own ids and mask; batches come in order of width, ties in list order."""
+    from aquin_nb._activations import token_batches
+
+    rng = random.Random(3)
+    for _ in range(20):
+        lists = [[rng.randrange(1, 50) for _ in range(rng.randrange(1, 12))] for _ in range(37)]
+        size = rng.randrange(1, 9)
+        seen: list[int] = []
+        widths = []
+        for batch in token_batches(lists, batch_size=size, skip_first=True, by_length=True):
+            assert len(batch.prompt_index) <= size
+            widths.append(batch.tokens.shape[1])
+            for row, index in enumerate(batch.prompt_index.tolist()):
+                ids = lists[index]
+                assert batch.tokens[row, : len(ids)].tolist() == ids
+                assert batch.tokens[row, len(ids) :].eq(0).all()
+                assert batch.mask[row].nonzero().flatten().tolist() == list(range(1, len(ids)))
+                seen.append(index)
+        assert sorted(seen) == list(range(len(lists)))
+        assert seen == sorted(range(len(lists)), key=lambda index: len(lists[index]))
+        assert widths == sorted(widths)
