@@ -149,6 +149,7 @@ def token_batches(
     skip_first: bool,
     pad_id: int = 0,
     by_length: bool = False,
+    first: int = 0,
 ) -> Iterator[TokenBatch]:
     """Right-padded batches of ``token_lists`` (id lists, or int arrays as `pack_windows`
     makes); causal attention means padding never touches real tokens.
@@ -156,15 +157,24 @@ def token_batches(
     With ``by_length``, batches take the prompts in order of length (ties in list
     order), so prompts of like length share a batch and less of it is padding;
     each batch's ``prompt_index`` still gives the rows' places in ``token_lists``.
+    The first ``first`` prompts are ordered among themselves and come before the
+    rest, so a subset that gets more work (the downstream fit's) fills the fewest
+    batches.
 
     Example:
-        >>> batches = token_batches([[5, 6, 7], [8], [9, 10]], batch_size=2, skip_first=False, by_length=True)
+        >>> lists = [[5, 6, 7], [8], [9, 10]]
+        >>> batches = token_batches(lists, batch_size=2, skip_first=False, by_length=True)
         >>> [(batch.prompt_index.tolist(), batch.tokens.shape[1]) for batch in batches]
         [([1, 2], 2), ([0], 3)]
     """
     order: Sequence[int] = range(len(token_lists))
     if by_length:
-        order = sorted(order, key=lambda index: len(token_lists[index]))
+        lead = max(0, min(first, len(token_lists)))
+        order = [
+            index
+            for part in (range(lead), range(lead, len(token_lists)))
+            for index in sorted(part, key=lambda index: len(token_lists[index]))
+        ]
     for start in range(0, len(token_lists), batch_size):
         chosen = order[start : start + batch_size]
         chunk = [token_lists[index] for index in chosen]

@@ -71,6 +71,10 @@ class DownstreamStats:
     def update(self, bridge: Any, sae: Any, hook: str, tokens: Any, mask: Any) -> None:
         """Add one batch: ``mask`` marks the real, non-BOS tokens (as in the diff)."""
         device = next(bridge.original_model.parameters()).device
+        real = mask.any(0).nonzero()
+        if len(real):  # columns past every row's last real token are padding: cut
+            width = int(real[-1]) + 1
+            tokens, mask = tokens[:, :width], mask[:, :width]
         tokens, mask = tokens.to(device), mask.to(device)
 
         batch = len(tokens)

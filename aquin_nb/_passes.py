@@ -108,11 +108,18 @@ class CheckpointPass:
 
 
 def _batches(
-    shard: Shard, batch_size: int, numerics: SaeNumerics, device: torch.device
+    shard: Shard, batch_size: int, numerics: SaeNumerics, device: torch.device, n_downstream: int
 ) -> Iterator[tuple[TokenBatch, torch.Tensor, torch.Tensor]]:
-    """Each batch with its mask on ``device`` and the row of every counted token."""
+    """Each batch with its mask on ``device`` and the row of every counted token.
+
+    Prompts of like length share a batch; the downstream fit's (the run's first
+    ``n_downstream``) stay together in the shard's first batches."""
     for batch in token_batches(
-        shard.token_lists, batch_size=batch_size, skip_first=numerics.prepend_bos
+        shard.token_lists,
+        batch_size=batch_size,
+        skip_first=numerics.prepend_bos,
+        by_length=True,
+        first=n_downstream - shard.start,
     ):
         mask = batch.mask.to(device)
         rows = torch.arange(len(batch.tokens), device=device)[:, None].expand_as(mask)[mask]
@@ -166,7 +173,7 @@ def base_pass(
         DownstreamStats(),
         ResidualSums(len(shard.token_lists), d_model),
     )
-    for batch, mask, rows in _batches(shard, batch_size, numerics, device):
+    for batch, mask, rows in _batches(shard, batch_size, numerics, device, n_downstream):
         with kept.keeping() if kept else nullcontext():
             x, features = _features(bridge, sae, numerics, batch, mask)
         result.fit.update(x, sparse_decode(sae, features))
@@ -204,7 +211,7 @@ def checkpoint_pass(
         DownstreamStats(),
         ResidualSums(len(shard.token_lists), d_model),
     )
-    batches = list(_batches(shard, batch_size, numerics, device))
+    batches = list(_batches(shard, batch_size, numerics, device, n_downstream))
     if len(batches) != len(base.features.batch_means):
         raise RuntimeError("the base pass was computed over other batches than this shard's")
     for number, ((batch, mask, rows), base_means) in enumerate(

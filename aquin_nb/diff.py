@@ -135,7 +135,15 @@ def sae_diff(
     # Leading blocks the checkpoint left unchanged run once for both sides.
     shared = prepared.shared_blocks
     prefix = SharedPrefix(base, ckpt, shared) if shared else None
-    batches = token_batches(token_lists, batch_size=batch_size, skip_first=numerics.prepend_bos)
+    # prompts of like length share a batch (less padding to run through both models);
+    # the downstream fit's prompts stay together in the first batches
+    batches = token_batches(
+        token_lists,
+        batch_size=batch_size,
+        skip_first=numerics.prepend_bos,
+        by_length=True,
+        first=n_downstream,
+    )
     total = (len(token_lists) + batch_size - 1) // batch_size
     with torch.no_grad():
         for batch in tqdm(batches, total=total, desc="sae diff", disable=not progress):

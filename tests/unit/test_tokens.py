@@ -51,16 +51,21 @@ def test_decode_each_falls_back_where_decode_does_more():
 
 def test_batches_by_length_hold_every_prompt_once_in_length_order():
     """Random prompt lengths: each prompt lands in exactly one row, padded right, with
-    its own ids and mask; batches come in order of width, ties in list order."""
+    its own ids and mask; the first ``first`` prompts come first, then the rest, each
+    part in order of length (ties in list order)."""
     from aquin_nb._activations import token_batches
 
     rng = random.Random(3)
-    for _ in range(20):
+    for trial in range(40):
         lists = [[rng.randrange(1, 50) for _ in range(rng.randrange(1, 12))] for _ in range(37)]
         size = rng.randrange(1, 9)
+        first = 0 if trial < 20 else rng.randrange(0, 45)
         seen: list[int] = []
         widths = []
-        for batch in token_batches(lists, batch_size=size, skip_first=True, by_length=True):
+        batches = token_batches(
+            lists, batch_size=size, skip_first=True, by_length=True, first=first
+        )
+        for batch in batches:
             assert len(batch.prompt_index) <= size
             widths.append(batch.tokens.shape[1])
             for row, index in enumerate(batch.prompt_index.tolist()):
@@ -70,5 +75,10 @@ def test_batches_by_length_hold_every_prompt_once_in_length_order():
                 assert batch.mask[row].nonzero().flatten().tolist() == list(range(1, len(ids)))
                 seen.append(index)
         assert sorted(seen) == list(range(len(lists)))
-        assert seen == sorted(range(len(lists)), key=lambda index: len(lists[index]))
-        assert widths == sorted(widths)
+        lead = min(first, len(lists))
+        lengths = [len(ids) for ids in lists]
+        expected = sorted(range(lead), key=lengths.__getitem__)
+        expected += sorted(range(lead, len(lists)), key=lengths.__getitem__)
+        assert seen == expected
+        if not first:
+            assert widths == sorted(widths)
