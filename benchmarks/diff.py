@@ -143,7 +143,9 @@ def main() -> None:
             sae_diff(base, ckpt, prompts=prompt_list, sae=sae, fit="off", progress=False)
 
         def floor() -> None:
-            for batch in token_batches(token_lists, batch_size=16, skip_first=True):
+            # batched as sae_diff batches: in order of length
+            batches = token_batches(token_lists, batch_size=16, skip_first=True, by_length=True)
+            for batch in batches:
                 mask = batch.mask.to(device)
                 for bridge in (base, ckpt):
                     acts = residual(bridge, batch.tokens, numerics.hook_name)[mask]

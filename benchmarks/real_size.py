@@ -453,7 +453,8 @@ def run_child(job: dict[str, Any]) -> None:
         numerics = sae_numerics(sae)
         prepare_bridge(bridge, numerics)
         prompts = json.loads(Path(job["prompts"]).read_text())
-        for batch in token_batches(_token_lists(prompts, sae), batch_size=16, skip_first=True):
+        token_lists = _token_lists(prompts, sae)
+        for batch in token_batches(token_lists, batch_size=16, skip_first=True, by_length=True):
             x = residual(bridge, batch.tokens, numerics.hook_name)
             sae.encode(x[batch.mask.to(x.device)].to(sae.W_dec.dtype))
     elif job["kind"] == "diff":
@@ -498,7 +499,9 @@ def _floor(models: list[Any], sae: Any, token_lists: list, layer: int, device: s
     from aquin_nb._activations import token_batches
 
     def floor() -> None:
-        for batch in token_batches(token_lists, batch_size=16, skip_first=True):
+        # batched as sae_diff batches: in order of length
+        batches = token_batches(token_lists, batch_size=16, skip_first=True, by_length=True)
+        for batch in batches:
             tokens, mask = batch.tokens.to(device), batch.mask.to(device)
             for model in models:
                 sae.encode(_resid_pre(model, tokens, layer)[mask].to(sae.W_dec.dtype))
