@@ -50,7 +50,7 @@ from ._lens import decode_each, decode_tokens, fast_bfloat16, logit_lens
 from ._quiet import quiet_unless_progress
 from ._verbs import verb
 from .probes import load_prompts
-from .results import PROMOTED_COLUMNS, TOKEN_COLUMNS, ModelDiff
+from .results import MODULE_COLUMNS, PROMOTED_COLUMNS, TOKEN_COLUMNS, ModelDiff
 
 logger = logging.getLogger(__name__)
 
@@ -101,29 +101,28 @@ class _TopTokens:
             elif item > self.heap[0]:
                 heapq.heapreplace(self.heap, item)
 
-    def rows(self, token_lists: list[list[int]], tokenizer: Any) -> list[dict[str, Any]]:
+    def frame(self, token_lists: list[list[int]], tokenizer: Any) -> pd.DataFrame:
+        """The positions found, largest KL first, as `ModelDiff.tokens`."""
         found = sorted(self.heap, reverse=True)
         pieces: list[list[int]] = []  # per row: the context before, the token, both guesses
         for _, prompt, position, base_id, ckpt_id in found:
             ids = token_lists[prompt]
             pieces += [ids[max(1, position - CONTEXT_BEFORE) : position], [ids[position]]]
             pieces += [[base_id], [ckpt_id]]
-        text = iter(decode_each(tokenizer, pieces))
-        rows = []
-        for kl, prompt, position, _, _ in found:
-            before, token, base_next, ckpt_next = (next(text) for _ in range(4))
-            rows.append(
-                {
-                    "prompt": prompt,
-                    "position": position,
-                    "token": token,
-                    "context": f"{before}⟦{token}⟧",
-                    "kl": kl,
-                    "base_next": base_next,
-                    "checkpoint_next": ckpt_next,
-                }
-            )
-        return rows
+        text = decode_each(tokenizer, pieces)
+        before, token = text[0::4], text[1::4]
+        return pd.DataFrame(
+            {
+                "prompt": np.array([row[1] for row in found], dtype=np.int64),
+                "position": np.array([row[2] for row in found], dtype=np.int64),
+                "token": token,
+                "context": [f"{left}⟦{right}⟧" for left, right in zip(before, token, strict=True)],
+                "kl": np.array([row[0] for row in found], dtype=np.float64),
+                "base_next": text[2::4],
+                "checkpoint_next": text[3::4],
+            },
+            columns=list(TOKEN_COLUMNS),
+        )
 
 
 def _residuals_and_logits(bridge: Any, tokens: torch.Tensor, mask: torch.Tensor, hooks: list[Any]):
@@ -694,7 +693,10 @@ def model_diff(
         }
     )
     modules.sort(key=_largest_change_first)
-    module_frame = pd.DataFrame(modules)
+    module_frame = pd.DataFrame(
+        {column: [row[column] for row in modules] for column in MODULE_COLUMNS},
+        columns=list(MODULE_COLUMNS),
+    )
     summary = {
         "model": model_label,
         "checkpoint": str(checkpoint) if isinstance(checkpoint, (str, Path)) else default_name,
@@ -707,13 +709,13 @@ def model_diff(
         "suggested_layer": suggested,
         "suggestion": reason,
         "drift_threshold": DRIFT_THRESHOLD,
-        "n_modules_changed": int(module_frame["changed"].sum()),
-        "n_modules": len(module_frame),
+        "n_modules_changed": sum(bool(row["changed"]) for row in modules),
+        "n_modules": len(modules),
         "tool_version": __version__,
     }
     return ModelDiff(
         summary=summary,
-        tokens=pd.DataFrame(top.rows(token_lists, base.tokenizer), columns=list(TOKEN_COLUMNS)),
+        tokens=top.frame(token_lists, base.tokenizer),
         prompts=prompt_frame,
         layers=layers,
         promoted=promoted,
