@@ -261,10 +261,11 @@ def _delta_stats(
                 if kind == "exact":
                     fill(stack[slot])
                     continue
-                width = shape[1] if shape[0] == rows else shape[0]
                 if shape[0] == rows:
+                    width = shape[1]
                     fill(stack[slot, :, :width])
                 else:  # tall: written into the transpose of its slot
+                    width = shape[0]
                     fill(stack[slot, :, :width].T)
                 stack[slot, :, width:] = 0.0  # the padding
             norms = _row_summed_norms(stack)
